@@ -1,0 +1,88 @@
+"""Run logging: rank-0 progress bars, JSON-lines metrics and TensorBoard scalars."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+from runtime.dist import is_main_process
+
+T = TypeVar("T")
+METRICS_FILE = "metrics.jsonl"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Configure the root logger once: rank-prefixed lines on stderr, quieter on non-zero ranks."""
+    from runtime.dist import get_rank
+
+    rank = get_rank()
+    logging.basicConfig(
+        level=level if rank == 0 else max(level, logging.WARNING), stream=sys.stderr,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
+
+
+class RunLogger:
+    """Writes scalars to ``<out_dir>/metrics.jsonl`` and TensorBoard, on the main process only.
+
+    Each JSON line is ``{"step": int, "time": float, "tag": str, <name>: value, ...}``;
+    non-finite values are written as strings ("nan", "inf") so the file stays valid JSON.
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool | None = None, tensorboard: bool = True):
+        self.out_dir = Path(out_dir)
+        self.enabled = is_main_process() if enabled is None else enabled
+        self._writer = None
+        self._file = None
+        if self.enabled:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+    def log(self, step: int, tag: str = "train", **scalars: float) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "time": round(time.time(), 3), "tag": tag}
+        for name, value in scalars.items():
+            value = float(value)
+            record[name] = value if math.isfinite(value) else str(value)
+            if self._writer is not None:
+                self._writer.add_scalar(f"{tag}/{name}", value, int(step))
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path, tag: str | None = None) -> list[dict]:
+    """Records of a metrics.jsonl file, optionally only those with ``tag``."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in rows if tag is None or r.get("tag") == tag]
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "",
+             enabled: bool | None = None, **kwargs) -> Iterator[T]:
+    """tqdm on the main process, the plain iterable elsewhere."""
+    enabled = is_main_process() if enabled is None else enabled
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True,
+                mininterval=1.0, **kwargs)
