@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
 
 demo: $(STAMP)
-	$(PY) -m runtime.demo --out $(DEMO_DIR)
+	$(PY) launch/demo.py --out $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

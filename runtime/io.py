@@ -11,9 +11,19 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily: shard-building workers never need it
+    import torch
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()  # read once: os.umask can only be read by setting it
 
 
 @contextmanager
@@ -24,6 +34,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, _FILE_MODE)  # mkstemp creates 0600; give the usual file mode
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as handle:
@@ -44,7 +55,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path,
+def atomic_save_safetensors(state_dict: dict[str, "torch.Tensor"], path: str | Path,
                             metadata: dict[str, str] | None = None) -> Path:
     from safetensors.torch import save as st_save
 
@@ -53,6 +64,8 @@ def atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Pat
 
 
 def atomic_torch_save(obj, path: str | Path) -> Path:
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return atomic_write_bytes(path, buffer.getvalue())
@@ -70,6 +83,8 @@ def load_state_dict(path: str | Path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file name
