@@ -99,10 +99,14 @@ def keyframe_indices(src: VideoSource) -> list[int]:
 
 
 def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(width, height) with the shorter side equal to ``short_side``, aspect kept, both even."""
+    """(width, height) with the shorter side at most ``short_side``, aspect kept, both even.
+
+    Never up-scales: a source already smaller keeps its size (rounded to even), since
+    enlarging only makes decoding slower without adding detail.
+    """
     if short_side < 2:
         raise ValueError(f"short_side must be >= 2, got {short_side}")
-    factor = short_side / min(width, height)
+    factor = min(1.0, short_side / min(width, height))
 
     def even(v: float) -> int:
         return max(2, 2 * round(v / 2))
@@ -194,7 +198,7 @@ def _timed_frames(container: av.container.InputContainer, start: float | None
 def reencode_video(src: VideoSource, short_side: int = 320, gop: int = 16,
                    fps: float | None = None, start: float | None = None,
                    end: float | None = None, crf: int = 23, preset: str = "veryfast") -> bytes:
-    """Re-encode ``src`` to H.264 MP4 bytes with the shorter side resized to ``short_side``.
+    """Re-encode ``src`` to H.264 MP4 bytes with the shorter side reduced to ``short_side``.
 
     ``gop`` is the keyframe interval (random access then costs at most ``gop - 1`` extra
     decoded frames); ``fps`` resamples the frame rate (frames repeated or dropped, nearest

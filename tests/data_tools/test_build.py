@@ -234,3 +234,11 @@ def test_tar_members_are_key_dot_ext(built_set):
         names = tar.getnames()
     assert len(names) == 4
     assert all(name.count(".") == 1 and name.split(".")[1] in ("json", "mp4") for name in names)
+
+
+def test_reencode_size_shrinks_but_never_enlarges():
+    from data_tools.video_io import scaled_size
+
+    assert scaled_size(1280, 720, 320) == (568, 320)   # shorter side brought down to 320
+    assert scaled_size(176, 144, 320) == (176, 144)    # already small: kept, not enlarged
+    assert scaled_size(175, 143, 320) == (176, 144)    # odd sizes rounded to even for yuv420p
