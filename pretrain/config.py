@@ -1,0 +1,79 @@
+"""``PretrainConfig``: everything one pretraining run reads, as one typed tree.
+
+Sections: ``model`` (models.ModelConfig), ``data`` (data_tools.loader.DataConfig), ``optim``,
+``engine``, ``checkpoint`` (runtime.engine), ``log`` (below); plus ``out_dir``, ``seed`` and
+``max_steps``. Load with ``runtime.config.parse_config(PretrainConfig, argv)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data_tools.loader import DataConfig
+from models import ModelConfig
+from runtime.engine import CheckpointConfig, EngineConfig, OptimConfig
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = field(default=20, metadata={
+        "help": "write loss, lr, clips/s and data-wait fraction every N optimizer steps"})
+    vis_every_steps: int = field(default=1000, metadata={
+        "help": "save a reconstruction grid PNG every N optimizer steps (0 = only at the end, "
+                "-1 = never)"})
+    vis_clips: int = field(default=4, metadata={"help": "clips shown in the reconstruction grid"})
+    tensorboard: bool = field(default=True, metadata={"help": "also write TensorBoard scalars"})
+
+    def validate(self) -> None:
+        if self.every_steps < 1 or self.vis_clips < 1 or self.vis_every_steps < -1:
+            raise ValueError("every_steps and vis_clips must be >= 1, vis_every_steps >= -1")
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={
+        "help": "pretraining model (encoder + decoder)"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={
+        "help": "pretraining shards, clip sampling, augmentation and masking"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={
+        "help": "AdamW and the warm-up + cosine schedule"})
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={
+        "help": "DeepSpeed precision, ZeRO stage, accumulation, compile"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={
+        "help": "checkpoint frequency, retention and resume"})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "logging and figures"})
+    out_dir: str = field(default="runs/pretrain", metadata={
+        "help": "run folder: config.yaml, deepspeed_config.json, metrics.jsonl, tensorboard/, "
+                "figures/, checkpoints/"})
+    seed: int = field(default=0, metadata={
+        "help": "seeds model init (same on every rank), per-rank RNG and, with data.seed, "
+                "the data stream"})
+    max_steps: int = field(default=0, metadata={
+        "help": "stop after this many optimizer steps in total (0 = the whole schedule); the "
+                "schedule still spans optim.epochs, so a stopped run resumes exactly"})
+
+    def validate(self) -> None:
+        model, data = self.model, self.data
+        pairs = (("num_frames", model.num_frames, data.num_frames),
+                 ("img_size / data.input_size", model.img_size, data.input_size),
+                 ("patch_size", model.patch_size, data.patch_size),
+                 ("tubelet_size", model.tubelet_size, data.tubelet_size))
+        for name, model_value, data_value in pairs:
+            if model_value != data_value:
+                raise ValueError(f"model.{name} ({model_value}) and data ({data_value}) disagree")
+        if tuple(model.pixel_mean) != tuple(data.mean) or tuple(model.pixel_std) != tuple(data.std):
+            raise ValueError("model.pixel_mean/pixel_std must equal data.mean/std (the target "
+                             "undoes the input normalisation)")
+        if data.mask_type == "none":
+            raise ValueError("pretraining needs an encoder mask: data.mask_type must be tube or random")
+        uses_decoder_mask = data.decoder_mask_type != "none"
+        if uses_decoder_mask != (model.decoder_mask_ratio > 0) or (
+                uses_decoder_mask and model.decoder_mask_ratio != data.decoder_mask_ratio):
+            raise ValueError("decoder masking is set inconsistently: use data.decoder_mask_type="
+                             "running_cell with model.decoder_mask_ratio == data.decoder_mask_ratio, "
+                             "or data.decoder_mask_type=none with model.decoder_mask_ratio=0")
+        if model.num_classes:
+            raise ValueError("model.num_classes must be 0 for pretraining")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if not self.out_dir:
+            raise ValueError("out_dir must be set")
