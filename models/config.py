@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from runtime.config import help_text
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -38,53 +40,49 @@ SIZES: dict[str, SizePreset] = {
 }
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class ModelConfig:
-    size: str = field(default="base", metadata=_help(
+    size: str = field(default="base", metadata=help_text(
         f"preset for the widths below: {'|'.join(SIZES)} or custom (then set embed_dim/depth/num_heads)"))
-    embed_dim: int = field(default=0, metadata=_help("encoder width (0 = from size)"))
-    depth: int = field(default=0, metadata=_help("encoder blocks (0 = from size)"))
-    num_heads: int = field(default=0, metadata=_help("encoder attention heads (0 = from size)"))
-    mlp_ratio: float = field(default=0.0, metadata=_help("MLP hidden width / width (0 = from size)"))
-    img_size: int = field(default=224, metadata=_help("input height and width in pixels"))
-    patch_size: int = field(default=16, metadata=_help("spatial patch size in pixels"))
-    num_frames: int = field(default=16, metadata=_help("input frames per clip"))
-    tubelet_size: int = field(default=2, metadata=_help("frames per tubelet (temporal patch size)"))
-    in_chans: int = field(default=3, metadata=_help("input channels"))
-    attention: str = field(default="joint", metadata=_help(
+    embed_dim: int = field(default=0, metadata=help_text("encoder width (0 = from size)"))
+    depth: int = field(default=0, metadata=help_text("encoder blocks (0 = from size)"))
+    num_heads: int = field(default=0, metadata=help_text("encoder attention heads (0 = from size)"))
+    mlp_ratio: float = field(default=0.0, metadata=help_text("MLP hidden width / width (0 = from size)"))
+    img_size: int = field(default=224, metadata=help_text("input height and width in pixels"))
+    patch_size: int = field(default=16, metadata=help_text("spatial patch size in pixels"))
+    num_frames: int = field(default=16, metadata=help_text("input frames per clip"))
+    tubelet_size: int = field(default=2, metadata=help_text("frames per tubelet (temporal patch size)"))
+    in_chans: int = field(default=3, metadata=help_text("input channels"))
+    attention: str = field(default="joint", metadata=help_text(
         "joint (VideoMAE space-time) | divided (TimeSformer temporal then spatial) | "
         "space_only (within each time slice) | mixing (XViT space-time mixing)"))
-    pos_embed: str = field(default="sincos_1d", metadata=_help(
+    pos_embed: str = field(default="sincos_1d", metadata=help_text(
         "sincos_1d (VideoMAE fixed table over the token index) | separable_sincos | "
         "separable_learned (spatial + temporal tables, as mae_st)"))
-    pos_embed_grid: list[int] = field(default_factory=list, metadata=_help(
+    pos_embed_grid: list[int] = field(default_factory=list, metadata=help_text(
         "token grid [T', H', W'] the fixed position table was trained at; the table is built "
         "there and resized per time slice and spatial grid to this model's grid "
         "(empty = this model's grid, as the official code does)"))
-    drop_path_rate: float = field(default=0.0, metadata=_help("stochastic depth rate of the last block"))
-    layer_scale_init: float = field(default=0.0, metadata=_help("layer scale init value (0 = off)"))
-    grad_checkpointing: bool = field(default=False, metadata=_help("recompute each block in backward"))
-    num_classes: int = field(default=0, metadata=_help("classification classes (0 = no head)"))
-    head_drop_rate: float = field(default=0.0, metadata=_help("dropout before the classification head"))
-    final_norm: str = field(default="auto", metadata=_help(
+    drop_path_rate: float = field(default=0.0, metadata=help_text("stochastic depth rate of the last block"))
+    layer_scale_init: float = field(default=0.0, metadata=help_text("layer scale init value (0 = off)"))
+    grad_checkpointing: bool = field(default=False, metadata=help_text("recompute each block in backward"))
+    num_classes: int = field(default=0, metadata=help_text("classification classes (0 = no head)"))
+    head_drop_rate: float = field(default=0.0, metadata=help_text("dropout before the classification head"))
+    final_norm: str = field(default="auto", metadata=help_text(
         "where the last LayerNorm sits: norm (on every token) | fc_norm (after mean pooling) | "
         "auto (fc_norm with a head, norm without: the official fine-tuning / pretraining layouts)"))
-    decoder_embed_dim: int = field(default=0, metadata=_help("decoder width (0 = from size)"))
-    decoder_depth: int = field(default=0, metadata=_help("decoder blocks (0 = from size)"))
-    decoder_num_heads: int = field(default=0, metadata=_help("decoder heads (0 = from size)"))
-    norm_target: str = field(default="patch_channel", metadata=_help(
+    decoder_embed_dim: int = field(default=0, metadata=help_text("decoder width (0 = from size)"))
+    decoder_depth: int = field(default=0, metadata=help_text("decoder blocks (0 = from size)"))
+    decoder_num_heads: int = field(default=0, metadata=help_text("decoder heads (0 = from size)"))
+    norm_target: str = field(default="patch_channel", metadata=help_text(
         "reconstruction target: patch_channel (VideoMAE: per patch and channel) | "
         "patch (MAE: whole patch) | none (raw pixels in [0, 1])"))
-    decoder_mask_ratio: float = field(default=0.0, metadata=_help(
+    decoder_mask_ratio: float = field(default=0.0, metadata=help_text(
         "VideoMAE V2 decoder masking: 0 = decoder reconstructs all masked tokens; "
         "0.5 = running-cell subset (the loader supplies decoder_mask)"))
-    pixel_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN), metadata=_help(
+    pixel_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN), metadata=help_text(
         "per-channel mean the input was normalised with (undone for the target)"))
-    pixel_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD), metadata=_help(
+    pixel_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD), metadata=help_text(
         "per-channel std the input was normalised with (undone for the target)"))
 
     # -- derived values -------------------------------------------------------------------

@@ -13,143 +13,28 @@ the same batches as an uninterrupted one without decoding anything twice.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import math
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
-import torch.distributed as torch_dist
 
-from data_tools.loader import DataConfig, VideoLoader, build_loader, resolve_shards
 from models import VideoMAEPretrain, build_pretrain_model, encoder_state_dict
 from models.convert import config_metadata
 from pretrain.config import PretrainConfig
 from pretrain.visualize import save_loss_curve, save_reconstruction_grid
-from runtime.config import save_resolved_config
-from runtime.dist import init_distributed, is_initialized
-from runtime.engine import (CheckpointManager, DataPosition, TrainEngine, create_engine,
-                            segment_seed)
+from runtime.dist import init_distributed
+from runtime.engine import CheckpointManager, DataPosition, TrainEngine, create_engine
 from runtime.io import atomic_save_safetensors, atomic_write_text
 from runtime.logging import METRICS_FILE, RunLogger, progress
 from runtime.seed import seed_everything
+from runtime.training import DataStream, Window, open_run, rank_data_config, timed
 
 logger = logging.getLogger(__name__)
 
 ENCODER_EXPORT = "encoder.safetensors"
-
-
-# ---------------------------------------------------------------------------------------
-# Data
-
-
-def rank_data_config(data: DataConfig, rank: int, world_size: int) -> DataConfig:
-    """``data`` restricted to this rank's shards (``shards[rank::world_size]``).
-
-    The epoch length stays the one of the whole set, so every rank yields the same number of
-    batches per epoch.
-    """
-    shard_set = resolve_shards(data.shards)
-    if len(shard_set.urls) < world_size:
-        raise ValueError(f"data.shards ({data.shards}) has {len(shard_set.urls)} shard(s); "
-                         f"{world_size} ranks need at least one each (ranks read disjoint shards)")
-    epoch_samples = data.epoch_samples or shard_set.total_samples or 0
-    return replace(data, shards="::".join(shard_set.urls[rank::world_size]),
-                   epoch_samples=epoch_samples)
-
-
-class DataStream:
-    """Batches of one rank in a resampled ``mode`` (``pretrain`` or ``train``), as segments
-    that each start at a ``DataPosition`` with a loader seeded from it (``segment_seed``)."""
-
-    def __init__(self, data: DataConfig, seed: int, rank: int, world_size: int,
-                 grad_accum_steps: int, mode: str = "pretrain"):
-        self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
-        self.mode = mode
-        self.stats: dict[str, int] = {}
-        batches = len(self._loader(DataPosition()))
-        self.steps_per_epoch = batches // grad_accum_steps
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"an epoch has {batches} batches per rank, fewer than "
-                             f"engine.grad_accum_steps={grad_accum_steps}")
-        # whole optimizer steps only, so accumulation never straddles an epoch end
-        self.batches_per_epoch = self.steps_per_epoch * grad_accum_steps
-
-    def _loader(self, position: DataPosition) -> VideoLoader:
-        seed = segment_seed(self.seed * 1_000_003 + self.data.seed, position.epoch, position.batch)
-        return build_loader(replace(self.data, seed=seed), self.mode, self.rank, self.world_size)
-
-    def segment(self, position: DataPosition) -> Iterator[dict]:
-        """Batches from ``position`` to the end of its epoch (a fresh loader)."""
-        return self._drain(self._loader(position), self.batches_per_epoch - position.batch)
-
-    def _drain(self, loader: VideoLoader, count: int) -> Iterator[dict]:
-        try:
-            yield from itertools.islice(loader, count)
-        finally:
-            for key, value in loader.stats.items():
-                self.stats[key] = self.stats.get(key, 0) + value
-
-
-def timed(batches: Iterable[dict]) -> Iterator[tuple[dict, float]]:
-    """Yield ``(batch, seconds spent waiting for it)``."""
-    iterator = iter(batches)
-    while True:
-        start = time.perf_counter()
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        yield batch, time.perf_counter() - start
-
-
-# ---------------------------------------------------------------------------------------
-# Metrics
-
-
-def global_mean(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise mean of ``values`` over ranks."""
-    if not is_initialized() or torch_dist.get_world_size() == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64,
-                          device=device if torch_dist.get_backend() == "nccl" else "cpu")
-    torch_dist.all_reduce(tensor)
-    return (tensor / torch_dist.get_world_size()).tolist()
-
-
-@dataclass
-class Window:
-    """Sums over the micro-batches since the last log line."""
-
-    loss: float = 0.0
-    finite: int = 0
-    clips: int = 0
-    data_wait: float = 0.0
-    start: float = field(default_factory=time.perf_counter)
-
-    def add(self, loss: float | None, clips: int, data_wait: float) -> None:
-        if loss is not None:
-            self.loss += loss
-            self.finite += 1
-        self.clips += clips
-        self.data_wait += data_wait
-
-    def summary(self, engine: TrainEngine, world_size: int) -> dict[str, float]:
-        """Mean loss and data-wait over ranks, clips/s over all ranks, the lr of the last
-        step, the non-finite count and (when DeepSpeed computes it) the gradient norm."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        loss, wait = global_mean([self.loss / max(self.finite, 1), self.data_wait], engine.device)
-        scalars = {"loss": loss, "lr": engine.schedule.lr_at(engine.global_step - 1),
-                   "clips_per_s": self.clips * world_size / elapsed,
-                   "data_wait": min(wait / elapsed, 1.0),
-                   "nonfinite_total": engine.nonfinite_total}
-        if engine.grad_norm is not None:
-            scalars["grad_norm"] = engine.grad_norm
-        return scalars
 
 
 def pretrain_step(engine: TrainEngine, batch: dict) -> float | None:
@@ -223,14 +108,7 @@ def check_schedule(saved: dict | None, engine: TrainEngine) -> None:
 def train(cfg: PretrainConfig) -> dict:
     """Run (or resume) pretraining on this rank; returns ``{"step", "loss", "out_dir"}``."""
     env = init_distributed()
-    out_dir = Path(cfg.out_dir)
-    checkpoints = CheckpointManager(out_dir / "checkpoints", cfg.checkpoint.keep_last)
-    resume_tag = checkpoints.resolve(cfg.checkpoint.resume)
-    if resume_tag is None and checkpoints.complete_tags():
-        raise FileExistsError(f"{out_dir} already holds checkpoints; pass checkpoint.resume=auto "
-                              "to continue that run, or choose another out_dir")
-    if env.is_main:
-        save_resolved_config(cfg, out_dir)
+    out_dir, checkpoints, resume_tag = open_run(cfg, cfg.out_dir, cfg.checkpoint, env.is_main)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_pretrain_model(cfg.model)

@@ -307,3 +307,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         return load_config(cls, args.config, overrides)
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: config error: {err}\n")
+
+
+def help_text(text: str) -> dict:
+    """``field(metadata=help_text("..."))``: the field's ``--help`` text."""
+    return {"help": text}

@@ -28,36 +28,33 @@ from data_tools.loader import resolve_shards
 from data_tools.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_resize, normalize
 from finetune.detection.annotations import AnnotationError, FrameAnnotation, FrameKey
 from finetune.detection.roi_head import jitter_boxes
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
+from runtime.config import help_text
 
 
 @dataclass
 class AVADataConfig:
-    train_shards: str = field(default="", metadata=_help("training shard set (manifest.json, folder or pattern)"))
-    val_shards: str = field(default="", metadata=_help("validation shard set"))
-    train_annotations: str = field(default="", metadata=_help(
+    train_shards: str = field(default="", metadata=help_text("training shard set (manifest.json, folder or pattern)"))
+    val_shards: str = field(default="", metadata=help_text("validation shard set"))
+    train_annotations: str = field(default="", metadata=help_text(
         "ground-truth CSV video_id,timestamp,x1,y1,x2,y2,action_id,person_id (training)"))
-    val_annotations: str = field(default="", metadata=_help("ground-truth CSV of the validation keyframes"))
-    label_map: str = field(default="", metadata=_help("AVA label map .pbtxt: the evaluated actions"))
-    val_proposals: str = field(default="", metadata=_help(
+    val_annotations: str = field(default="", metadata=help_text("ground-truth CSV of the validation keyframes"))
+    label_map: str = field(default="", metadata=help_text("AVA label map .pbtxt: the evaluated actions"))
+    val_proposals: str = field(default="", metadata=help_text(
         "person proposals CSV video_id,timestamp,x1,y1,x2,y2,score for testing ('' = ground-truth boxes)"))
-    proposal_threshold: float = field(default=0.8, metadata=_help("keep proposals with score >= this"))
-    unknown_actions: str = field(default="error", metadata=_help(
+    proposal_threshold: float = field(default=0.8, metadata=help_text("keep proposals with score >= this"))
+    unknown_actions: str = field(default="error", metadata=help_text(
         "action ids missing from the label map: 'error' or 'skip' (AVA's 80-class files with the 60-class map)"))
-    num_frames: int = field(default=16, metadata=_help("frames per clip"))
-    sampling_rate: int = field(default=4, metadata=_help("frame stride within a clip"))
-    input_size: int = field(default=224, metadata=_help("frames are resized to this height and width"))
-    backend: str = field(default="auto", metadata=_help("video decoder: auto, decord or pyav"))
-    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN, metadata=_help("normalisation mean (0-1 units)"))
-    std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata=_help("normalisation std (0-1 units)"))
-    batch_size: int = field(default=8, metadata=_help("keyframes per batch per rank"))
-    num_workers: int = field(default=2, metadata=_help("DataLoader workers"))
-    shuffle_buffer: int = field(default=64, metadata=_help("shard samples held for shuffling in training"))
-    flip: bool = field(default=False, metadata=_help("random horizontal flip in training (off for direction labels)"))
-    box_jitter: float = field(default=0.05, metadata=_help(
+    num_frames: int = field(default=16, metadata=help_text("frames per clip"))
+    sampling_rate: int = field(default=4, metadata=help_text("frame stride within a clip"))
+    input_size: int = field(default=224, metadata=help_text("frames are resized to this height and width"))
+    backend: str = field(default="auto", metadata=help_text("video decoder: auto, decord or pyav"))
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN, metadata=help_text("normalisation mean (0-1 units)"))
+    std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata=help_text("normalisation std (0-1 units)"))
+    batch_size: int = field(default=8, metadata=help_text("keyframes per batch per rank"))
+    num_workers: int = field(default=2, metadata=help_text("DataLoader workers"))
+    shuffle_buffer: int = field(default=64, metadata=help_text("shard samples held for shuffling in training"))
+    flip: bool = field(default=False, metadata=help_text("random horizontal flip in training (off for direction labels)"))
+    box_jitter: float = field(default=0.05, metadata=help_text(
         "training boxes: each side moves by up to this fraction of the box size"))
 
     def validate(self) -> None:

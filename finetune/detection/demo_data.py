@@ -42,37 +42,34 @@ from data_tools.demo import (
 )
 from data_tools.video_io import write_mp4
 from finetune.detection.annotations import LabelMap, write_ava_csv
+from runtime.config import help_text
 from runtime.io import atomic_write_text
 
 LABEL_MAP_NAME = "label_map.pbtxt"
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class AVADemoConfig:
-    seed: int = field(default=0, metadata=_help("seed; same seed, same dataset"))
-    canvas_size: int = field(default=64, metadata=_help("frame height and width (even)"))
-    fps: float = field(default=8.0, metadata=_help("frame rate"))
-    duration_s: int = field(default=3, metadata=_help("video length; keyframes at 1 .. duration_s - 1 s"))
-    min_actors: int = field(default=2, metadata=_help("fewest actors per video"))
-    max_actors: int = field(default=3, metadata=_help("most actors per video"))
-    actor_scale: float = field(default=0.7, metadata=_help("actor size relative to the recognition demo's digits"))
+    seed: int = field(default=0, metadata=help_text("seed; same seed, same dataset"))
+    canvas_size: int = field(default=64, metadata=help_text("frame height and width (even)"))
+    fps: float = field(default=8.0, metadata=help_text("frame rate"))
+    duration_s: int = field(default=3, metadata=help_text("video length; keyframes at 1 .. duration_s - 1 s"))
+    min_actors: int = field(default=2, metadata=help_text("fewest actors per video"))
+    max_actors: int = field(default=3, metadata=help_text("most actors per video"))
+    actor_scale: float = field(default=0.7, metadata=help_text("actor size relative to the recognition demo's digits"))
     base_motions: tuple[str, ...] = field(
         default=("move_right", "move_left", "move_down", "move_up"),
-        metadata=_help("motions that set an actor's position and size (one per actor; grow/shrink also work)"))
+        metadata=help_text("motions that set an actor's position and size (one per actor; grow/shrink also work)"))
     spin_motions: tuple[str, ...] = field(
-        default=("rotate_cw",), metadata=_help("motions that set the angle (a second label; rotate_ccw also works)"))
-    spin_probability: float = field(default=0.4, metadata=_help("chance that an actor also spins"))
-    jitter: float = field(default=0.01, metadata=_help("std of per-frame position jitter (canvas fraction)"))
-    max_distractors: int = field(default=2, metadata=_help("drifting digit fragments per video (no labels)"))
-    train_videos: int = field(default=64, metadata=_help("training videos"))
-    val_videos: int = field(default=16, metadata=_help("validation videos"))
-    gop: int = field(default=8, metadata=_help("keyframe interval of the H.264 encoding"))
-    crf: int = field(default=18, metadata=_help("x264 constant rate factor"))
-    shard_max_count: int = field(default=16, metadata=_help("videos per shard"))
+        default=("rotate_cw",), metadata=help_text("motions that set the angle (a second label; rotate_ccw also works)"))
+    spin_probability: float = field(default=0.4, metadata=help_text("chance that an actor also spins"))
+    jitter: float = field(default=0.01, metadata=help_text("std of per-frame position jitter (canvas fraction)"))
+    max_distractors: int = field(default=2, metadata=help_text("drifting digit fragments per video (no labels)"))
+    train_videos: int = field(default=64, metadata=help_text("training videos"))
+    val_videos: int = field(default=16, metadata=help_text("validation videos"))
+    gop: int = field(default=8, metadata=help_text("keyframe interval of the H.264 encoding"))
+    crf: int = field(default=18, metadata=help_text("x264 constant rate factor"))
+    shard_max_count: int = field(default=16, metadata=help_text("videos per shard"))
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -90,22 +87,22 @@ class AVADemoConfig:
 
 @dataclass
 class TADDemoConfig:
-    seed: int = field(default=0, metadata=_help("seed; same seed, same dataset"))
-    canvas_size: int = field(default=64, metadata=_help("frame height and width (even)"))
-    fps: float = field(default=8.0, metadata=_help("frame rate"))
-    duration_s: float = field(default=16.0, metadata=_help("video length in seconds"))
+    seed: int = field(default=0, metadata=help_text("seed; same seed, same dataset"))
+    canvas_size: int = field(default=64, metadata=help_text("frame height and width (even)"))
+    fps: float = field(default=8.0, metadata=help_text("frame rate"))
+    duration_s: float = field(default=16.0, metadata=help_text("video length in seconds"))
     classes: tuple[str, ...] = field(
         default=("move_right", "move_left", "grow", "rotate_cw"),
-        metadata=_help("action classes (names in data_tools.demo.MOTIONS)"))
-    action_s: tuple[float, float] = field(default=(2.0, 4.0), metadata=_help("range of action lengths (s)"))
-    gap_s: tuple[float, float] = field(default=(1.0, 3.0), metadata=_help("range of idle gaps (s)"))
-    jitter: float = field(default=0.01, metadata=_help("std of per-frame position jitter (canvas fraction)"))
-    max_distractors: int = field(default=2, metadata=_help("drifting digit fragments per video"))
-    train_videos: int = field(default=12, metadata=_help("training videos"))
-    val_videos: int = field(default=4, metadata=_help("validation videos"))
-    gop: int = field(default=8, metadata=_help("keyframe interval of the H.264 encoding"))
-    crf: int = field(default=18, metadata=_help("x264 constant rate factor"))
-    shard_max_count: int = field(default=16, metadata=_help("videos per shard"))
+        metadata=help_text("action classes (names in data_tools.demo.MOTIONS)"))
+    action_s: tuple[float, float] = field(default=(2.0, 4.0), metadata=help_text("range of action lengths (s)"))
+    gap_s: tuple[float, float] = field(default=(1.0, 3.0), metadata=help_text("range of idle gaps (s)"))
+    jitter: float = field(default=0.01, metadata=help_text("std of per-frame position jitter (canvas fraction)"))
+    max_distractors: int = field(default=2, metadata=help_text("drifting digit fragments per video"))
+    train_videos: int = field(default=12, metadata=help_text("training videos"))
+    val_videos: int = field(default=4, metadata=help_text("validation videos"))
+    gop: int = field(default=8, metadata=help_text("keyframe interval of the H.264 encoding"))
+    crf: int = field(default=18, metadata=help_text("x264 constant rate factor"))
+    shard_max_count: int = field(default=16, metadata=help_text("videos per shard"))
 
     def validate(self) -> None:
         unknown = [m for m in self.classes if m not in MOTIONS]

@@ -30,12 +30,13 @@ from finetune.detection.ava_metric import frame_average_precision
 from finetune.detection.data import AVADataConfig, build_keyframe_loader, select_proposals
 from finetune.detection.roi_head import ActionDetector, RoIActionHead
 from models import ModelConfig, build_encoder, load_encoder_weights
-from runtime.config import save_resolved_config
+from runtime.config import help_text
 from runtime.dist import get_rank, get_world_size, init_distributed, is_initialized, is_main_process
-from runtime.engine import CheckpointConfig, CheckpointManager, EngineConfig, OptimConfig, create_engine
+from runtime.engine import CheckpointConfig, EngineConfig, OptimConfig, create_engine
 from runtime.io import atomic_write_text
 from runtime.logging import RunLogger, progress
 from runtime.seed import seed_everything
+from runtime.training import open_run
 
 logger = logging.getLogger(__name__)
 
@@ -43,33 +44,29 @@ logger = logging.getLogger(__name__)
 ScoredBoxes = dict[FrameKey, tuple[torch.Tensor, torch.Tensor]]
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class RoIHeadConfig:
-    roi_size: int = field(default=7, metadata=_help("RoIAlign output bins per side"))
-    dropout: float = field(default=0.5, metadata=_help("dropout before the classifier"))
+    roi_size: int = field(default=7, metadata=help_text("RoIAlign output bins per side"))
+    dropout: float = field(default=0.5, metadata=help_text("dropout before the classifier"))
 
 
 @dataclass
 class DetectConfig:
-    out_dir: str = field(default="runs/detect", metadata=_help("run folder"))
-    weights: str = field(default="", metadata=_help(
+    out_dir: str = field(default="runs/detect", metadata=help_text("run folder"))
+    weights: str = field(default="", metadata=help_text(
         "encoder checkpoint (this project's, official VideoMAE/V2 or HF); '' = random init"))
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.2), metadata=_help(
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.2), metadata=help_text(
         "encoder (num_classes is ignored: the RoI head classifies)"))
-    head: RoIHeadConfig = field(default_factory=RoIHeadConfig, metadata=_help("RoI head"))
-    data: AVADataConfig = field(default_factory=AVADataConfig, metadata=_help("AVA-layout data"))
+    head: RoIHeadConfig = field(default_factory=RoIHeadConfig, metadata=help_text("RoI head"))
+    data: AVADataConfig = field(default_factory=AVADataConfig, metadata=help_text("AVA-layout data"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         base_lr=5e-4, min_lr=1e-6, warmup_epochs=2.0, epochs=20, betas=(0.9, 0.999), layer_decay=0.75),
-        metadata=_help("AdamW with layer decay and warm-up + cosine, as in fine-tuning"))
-    engine: EngineConfig = field(default_factory=EngineConfig, metadata=_help("DeepSpeed settings"))
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=_help("checkpointing"))
-    eval_every_epochs: int = field(default=0, metadata=_help("evaluate every N epochs (0 = only at the end)"))
-    log_every_steps: int = field(default=20, metadata=_help("log the loss every N optimizer steps"))
-    seed: int = field(default=0, metadata=_help("random seed"))
+        metadata=help_text("AdamW with layer decay and warm-up + cosine, as in fine-tuning"))
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata=help_text("DeepSpeed settings"))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=help_text("checkpointing"))
+    eval_every_epochs: int = field(default=0, metadata=help_text("evaluate every N epochs (0 = only at the end)"))
+    log_every_steps: int = field(default=20, metadata=help_text("log the loss every N optimizer steps"))
+    seed: int = field(default=0, metadata=help_text("random seed"))
 
     def validate(self) -> None:
         if self.model.num_frames != self.data.num_frames or self.model.img_size != self.data.input_size:
@@ -152,9 +149,7 @@ def run_ava(cfg: DetectConfig) -> dict[str, float]:
     init_distributed()
     rank, world_size = get_rank(), get_world_size()
     seed_everything(cfg.seed, rank)
-    out_dir = Path(cfg.out_dir)
-    if is_main_process():
-        save_resolved_config(cfg, out_dir)
+    out_dir, checkpoints, tag = open_run(cfg, cfg.out_dir, cfg.checkpoint, is_main_process())
     data = cfg.data
     label_map = read_label_map(data.label_map)
     train_gt = read_ava_annotations(data.train_annotations, label_map, data.unknown_actions)
@@ -167,8 +162,6 @@ def run_ava(cfg: DetectConfig) -> dict[str, float]:
     val_loader, _ = build_keyframe_loader(data, data.val_shards, val_gt, False, rank, world_size, cfg.seed, test_boxes)
     steps_per_epoch = max(1, batches_per_epoch // cfg.engine.grad_accum_steps)
     engine = create_engine(model, cfg.engine, cfg.optim, data.batch_size, world_size, out_dir, steps_per_epoch)
-    checkpoints = CheckpointManager(out_dir / "checkpoints", cfg.checkpoint.keep_last)
-    tag = checkpoints.resolve(cfg.checkpoint.resume)
     state = checkpoints.load(engine, tag) if tag else {}
     epoch, batches_done = int(state.get("epoch", 0)), int(state.get("batches_done", 0))
 

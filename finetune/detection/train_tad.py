@@ -38,7 +38,7 @@ from finetune.detection.features import FeatureGrid, sliding_window_features
 from finetune.detection.tad_head import DecodeConfig, TemporalDetectionHead, assign_targets, decode, detection_loss
 from finetune.detection.tad_metric import segment_mean_average_precision
 from models import ModelConfig, build_encoder, load_encoder_weights
-from runtime.config import save_resolved_config, to_dict
+from runtime.config import help_text, save_resolved_config, to_dict
 from runtime.engine import WarmupCosine, param_groups
 from runtime.io import atomic_save_safetensors, atomic_write_text
 from runtime.logging import RunLogger, progress
@@ -47,26 +47,22 @@ from runtime.seed import seed_everything
 logger = logging.getLogger(__name__)
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class TADDataConfig:
-    train_shards: str = field(default="", metadata=_help("training videos (shard set); json carries `segments`"))
-    val_shards: str = field(default="", metadata=_help("validation videos (shard set)"))
-    train_segments: str = field(default="", metadata=_help(
+    train_shards: str = field(default="", metadata=help_text("training videos (shard set); json carries `segments`"))
+    val_shards: str = field(default="", metadata=help_text("validation videos (shard set)"))
+    train_segments: str = field(default="", metadata=help_text(
         "optional CSV video_id,start_s,end_s,label replacing the json `segments` of the training videos"))
-    val_segments: str = field(default="", metadata=_help("optional segments CSV for the validation videos"))
-    classes: list[str] = field(default_factory=list, metadata=_help("action names (empty = the manifest's classes)"))
-    num_frames: int = field(default=16, metadata=_help("frames per window (the encoder's clip)"))
-    frame_step: int = field(default=1, metadata=_help("source frames between the frames of a window"))
-    stride: int = field(default=4, metadata=_help("source frames between window starts (the feature step)"))
-    input_size: int = field(default=224, metadata=_help("window frames: short-side centre crop resized to this"))
-    backend: str = field(default="auto", metadata=_help("video decoder: auto, decord or pyav"))
-    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN, metadata=_help("normalisation mean (0-1 units)"))
-    std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata=_help("normalisation std (0-1 units)"))
-    feature_batch_size: int = field(default=16, metadata=_help("windows per encoder forward pass"))
+    val_segments: str = field(default="", metadata=help_text("optional segments CSV for the validation videos"))
+    classes: list[str] = field(default_factory=list, metadata=help_text("action names (empty = the manifest's classes)"))
+    num_frames: int = field(default=16, metadata=help_text("frames per window (the encoder's clip)"))
+    frame_step: int = field(default=1, metadata=help_text("source frames between the frames of a window"))
+    stride: int = field(default=4, metadata=help_text("source frames between window starts (the feature step)"))
+    input_size: int = field(default=224, metadata=help_text("window frames: short-side centre crop resized to this"))
+    backend: str = field(default="auto", metadata=help_text("video decoder: auto, decord or pyav"))
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN, metadata=help_text("normalisation mean (0-1 units)"))
+    std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata=help_text("normalisation std (0-1 units)"))
+    feature_batch_size: int = field(default=16, metadata=help_text("windows per encoder forward pass"))
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -78,30 +74,30 @@ class TADDataConfig:
 
 @dataclass
 class TADHeadConfig:
-    dim: int = field(default=256, metadata=_help("pyramid width"))
-    num_levels: int = field(default=6, metadata=_help("pyramid levels (strides 1, 2, 4, ...)"))
-    center_radius: float = field(default=1.5, metadata=_help("centre sampling radius in strides"))
-    label_smoothing: float = field(default=0.0, metadata=_help("label smoothing of the focal loss targets"))
+    dim: int = field(default=256, metadata=help_text("pyramid width"))
+    num_levels: int = field(default=6, metadata=help_text("pyramid levels (strides 1, 2, 4, ...)"))
+    center_radius: float = field(default=1.5, metadata=help_text("centre sampling radius in strides"))
+    label_smoothing: float = field(default=0.0, metadata=help_text("label smoothing of the focal loss targets"))
 
 
 @dataclass
 class TADConfig:
-    out_dir: str = field(default="runs/tad", metadata=_help("run folder"))
-    weights: str = field(default="", metadata=_help("encoder checkpoint for the features ('' = random init)"))
-    model: ModelConfig = field(default_factory=ModelConfig, metadata=_help("feature encoder (frozen)"))
-    data: TADDataConfig = field(default_factory=TADDataConfig, metadata=_help("untrimmed videos and windows"))
-    head: TADHeadConfig = field(default_factory=TADHeadConfig, metadata=_help("1-D pyramid head"))
-    decode: DecodeConfig = field(default_factory=DecodeConfig, metadata=_help("decoding and soft-NMS"))
-    epochs: int = field(default=35, metadata=_help("training epochs over the videos"))
-    warmup_epochs: float = field(default=5.0, metadata=_help("linear warm-up epochs"))
-    batch_size: int = field(default=2, metadata=_help("videos per batch"))
-    lr: float = field(default=1e-4, metadata=_help("peak AdamW learning rate"))
-    weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay (not on norms and biases)"))
-    clip_grad: float = field(default=1.0, metadata=_help("gradient norm clipping (0 = off)"))
-    max_seq_len: int = field(default=2304, metadata=_help("training crops longer feature sequences to this many steps"))
-    device: str = field(default="auto", metadata=_help("auto (cuda when available), cpu or cuda"))
-    log_every_steps: int = field(default=20, metadata=_help("log the loss every N steps"))
-    seed: int = field(default=0, metadata=_help("random seed"))
+    out_dir: str = field(default="runs/tad", metadata=help_text("run folder"))
+    weights: str = field(default="", metadata=help_text("encoder checkpoint for the features ('' = random init)"))
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=help_text("feature encoder (frozen)"))
+    data: TADDataConfig = field(default_factory=TADDataConfig, metadata=help_text("untrimmed videos and windows"))
+    head: TADHeadConfig = field(default_factory=TADHeadConfig, metadata=help_text("1-D pyramid head"))
+    decode: DecodeConfig = field(default_factory=DecodeConfig, metadata=help_text("decoding and soft-NMS"))
+    epochs: int = field(default=35, metadata=help_text("training epochs over the videos"))
+    warmup_epochs: float = field(default=5.0, metadata=help_text("linear warm-up epochs"))
+    batch_size: int = field(default=2, metadata=help_text("videos per batch"))
+    lr: float = field(default=1e-4, metadata=help_text("peak AdamW learning rate"))
+    weight_decay: float = field(default=0.05, metadata=help_text("AdamW weight decay (not on norms and biases)"))
+    clip_grad: float = field(default=1.0, metadata=help_text("gradient norm clipping (0 = off)"))
+    max_seq_len: int = field(default=2304, metadata=help_text("training crops longer feature sequences to this many steps"))
+    device: str = field(default="auto", metadata=help_text("auto (cuda when available), cpu or cuda"))
+    log_every_steps: int = field(default=20, metadata=help_text("log the loss every N steps"))
+    seed: int = field(default=0, metadata=help_text("random seed"))
 
     def validate(self) -> None:
         if self.model.num_frames != self.data.num_frames or self.model.img_size != self.data.input_size:
