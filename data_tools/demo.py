@@ -362,6 +362,10 @@ class DemoConfig:
     jitter: float = field(default=0.03, metadata={
         "help": "per-frame pose noise of the digit: std of its position (fraction of the "
                 "canvas) and log-scale; the angle's std is jitter * 300 degrees"})
+    grain: float = field(default=0.0, metadata={
+        "help": "amplitude of static per-pixel background noise; VideoMAE's per-patch "
+                "normalised target turns any grain on an empty patch into unpredictable "
+                "unit-variance noise, so the default background is smooth"})
     max_distractors: int = field(default=3, metadata={
         "help": "up to this many drifting digit-fragment distractors per clip"})
     shard_max_count: int = field(default=32, metadata={"help": "samples per shard"})
@@ -419,7 +423,7 @@ def render_demo_clip(class_name: str, rng: np.random.Generator, cfg: DemoConfig,
     distractors = [Track(_fragment(rng, sprites, pool), "drift", _sample_drift(rng),
                          random_color(rng, value=(0.35, 0.7)))
                    for _ in range(rng.integers(0, cfg.max_distractors + 1))]
-    background = make_background(rng, cfg.canvas_size)
+    background = make_background(rng, cfg.canvas_size, grain=cfg.grain)
     noise = rng.normal(0.0, cfg.jitter, (cfg.num_frames, 1, 4)) * [1.0, 1.0, 1.0, 300.0]
     frames, _ = render_clip(cfg.canvas_size, [digit], cfg.num_frames, background, distractors,
                             noise)
@@ -454,6 +458,19 @@ def _make_clip(job: _ClipJob) -> dict:
     return {"label": label, **extra}
 
 
+def prepare_demo_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """Create ``out_dir`` for a demo dataset; an earlier one there (marked by ``demo.json``) is
+    refused, or with ``overwrite`` its ``videos/`` and split folders are removed first."""
+    out = Path(out_dir)
+    if (out / "demo.json").exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a demo dataset; pass overwrite")
+        for name in ("videos", *SPLITS):
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def generate_demo(out_dir: str | Path, cfg: DemoConfig | None = None, workers: int = 1,
                   overwrite: bool = False, progress: bool = True) -> dict:
     """Write the demo dataset under ``out_dir``::
@@ -471,12 +488,7 @@ def generate_demo(out_dir: str | Path, cfg: DemoConfig | None = None, workers: i
 
     cfg = cfg or DemoConfig()
     cfg.validate()
-    out = Path(out_dir)
-    if (out / "demo.json").exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a demo dataset; pass overwrite")
-        for name in ("videos", *SPLITS):
-            shutil.rmtree(out / name, ignore_errors=True)
+    out = prepare_demo_dir(out_dir, overwrite)
     counts = {"train": cfg.train_per_class, "val": cfg.val_per_class}
     jobs = []
     for split in SPLITS:

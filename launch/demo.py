@@ -1,7 +1,7 @@
 """``make demo``: the whole pipeline on the demo digits set, on one machine, one results table.
 
-Stages (each writes its own run folder under ``--out``; every figure in the final table is
-computed in this invocation, nothing is read from earlier runs unless ``--reuse`` is given):
+Stages (each writes its own run folder under ``--out``; the folders of an earlier demo run are
+removed first, so every figure in the final table is computed in this invocation):
 
 1. build the demo action dataset (``data_tools.demo``) as H.264 mp4 files packed in shards;
 2. pretrain a tiny VideoMAE on the training shards (DeepSpeed, single process);
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from runtime.logging import setup_logging  # noqa: E402
 logger = logging.getLogger("demo")
 
 FINETUNE_ATTENTIONS = ("space_only", "joint", "divided")
+STAGE_DIRS = ("data", "pretrain", "probe_pretrained", "probe_random", "detection",
+              *(f"finetune_{a}" for a in FINETUNE_ATTENTIONS))
 
 
 def _config(cls, name: str, overrides: list[str]):
@@ -63,7 +66,7 @@ def probe(out: Path, data_dir: Path, weights: str, name: str) -> dict:
     from finetune.config import ProbeConfig
     from finetune.probe import run
 
-    cfg = _config(ProbeConfig, "finetune/demo_probe.yaml", [
+    cfg = _config(ProbeConfig, "finetune/probe_demo.yaml", [
         f"weights={weights}", f"out_dir={out / name}", f"data.shards={data_dir / 'train'}",
         f"val.shards={data_dir / 'val'}"])
     return run(cfg)
@@ -82,9 +85,10 @@ def finetune(out: Path, data_dir: Path, weights: str, attention: str, quick: boo
 
 
 def detection(out: Path, quick: bool) -> dict:
-    from finetune.detection.demo_pipeline import run_demo
+    from finetune.detection.demo import run_detection_demo
 
-    return run_demo(out / "detection", quick=quick)
+    return run_detection_demo(out / "detection", ava_overrides=["optim.epochs=4"] if quick else [],
+                              tad_overrides=["epochs=6"] if quick else [])
 
 
 def _timed(name: str, fn: Callable[[], dict], timings: dict) -> dict:
@@ -112,8 +116,15 @@ def results_table(results: dict) -> str:
         key = f"finetune_{attention}"
         if key in results:
             lines.append(f"| fine-tune | {attention} | val top-1 % | {_pct(results[key]['top1'])} |")
-    for key, value in results.get("detection", {}).items():
-        lines.append(f"| detection | joint | {key} % | {_pct(value)} |")
+    detection = results.get("detection", {})
+    for key, label, encoder in (
+            ("ava/frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "joint (fine-tuned)"),
+            ("ava/prior_baseline_frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "baseline: class priors"),
+            ("tad/average_mAP", "temporal mAP@[0.3:0.7] %", "joint (frozen features)"),
+            ("tad/whole_video_baseline_average_mAP", "temporal mAP@[0.3:0.7] %",
+             "baseline: whole video")):
+        if key in detection:
+            lines.append(f"| detection | {encoder} | {label} | {_pct(detection[key])} |")
     if chance is not None:
         lines.append(f"| (chance) | | top-1 % | {_pct(chance)} |")
     return "\n".join(lines)
@@ -131,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed()
     setup_logging()
     out = Path(args.out)
+    for name in STAGE_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     results: dict = {}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -36,6 +35,7 @@ from data_tools.demo import (
     _sample_drift,
     load_digit_sprites,
     make_background,
+    prepare_demo_dir,
     random_color,
     render_frame,
     sprite_pool,
@@ -224,7 +224,7 @@ def generate_ava_demo(out_dir: str | Path, cfg: AVADemoConfig | None = None, ove
     """
     cfg = cfg or AVADemoConfig()
     cfg.validate()
-    out = _fresh_dir(out_dir, overwrite)
+    out = prepare_demo_dir(out_dir, overwrite)
     label_map = LabelMap(tuple(range(1, len(cfg.classes) + 1)), cfg.classes)
     atomic_write_text(out / LABEL_MAP_NAME, label_map.to_pbtxt())
     counts = {"train": cfg.train_videos, "val": cfg.val_videos}
@@ -315,7 +315,7 @@ def generate_tad_demo(out_dir: str | Path, cfg: TADDemoConfig | None = None, ove
     (``video_id,start_s,end_s,label``). Returns the shard folders by split."""
     cfg = cfg or TADDemoConfig()
     cfg.validate()
-    out = _fresh_dir(out_dir, overwrite)
+    out = prepare_demo_dir(out_dir, overwrite)
     atomic_write_text(out / "classes.txt", "".join(c + "\n" for c in cfg.classes))
     counts = {"train": cfg.train_videos, "val": cfg.val_videos}
     shards = {}
@@ -338,16 +338,6 @@ def generate_tad_demo(out_dir: str | Path, cfg: TADDemoConfig | None = None, ove
     atomic_write_text(out / "demo.json", json.dumps(asdict(cfg), indent=1) + "\n")
     return shards
 
-
-def _fresh_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    out = Path(out_dir)
-    if (out / "demo.json").exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a demo dataset; pass overwrite")
-        for name in ("videos", *SPLITS):
-            shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:

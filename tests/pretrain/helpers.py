@@ -23,6 +23,8 @@ def tiny_args(shards: Path, out_dir: Path, **extra) -> list[str]:
     values = {
         "data.shards": str(shards), "out_dir": str(out_dir),
         "model.num_frames": 8, "data.num_frames": 8, "data.batch_size": 4,
+        "model.img_size": 32, "data.input_size": 32, "data.sampling_rate": 2,
+        "model.tubelet_size": 2, "data.tubelet_size": 2,
         "data.num_workers": 0, "data.shuffle_buffer": 8,
         "optim.base_lr": 0.05, "optim.epochs": 2, "optim.warmup_epochs": 0.2,
         "checkpoint.every_steps": 3, "checkpoint.resume": "auto",

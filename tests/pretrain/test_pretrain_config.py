@@ -37,7 +37,7 @@ def test_every_field_has_help():
 
 def test_model_and_data_settings_must_agree():
     with pytest.raises(ValueError, match="num_frames"):
-        load_config(PretrainConfig, DEMO_CONFIG, ["model.num_frames=8"])
+        load_config(PretrainConfig, DEMO_CONFIG, ["model.num_frames=16"])
     with pytest.raises(ValueError, match="decoder masking"):
         load_config(PretrainConfig, DEMO_CONFIG, ["data.decoder_mask_type=running_cell"])
     ok = load_config(PretrainConfig, DEMO_CONFIG, ["data.decoder_mask_type=running_cell",

@@ -46,7 +46,9 @@ def test_loss_decreases_and_run_folder_is_complete(reference_run):
 
 
 def test_encoder_export_loads_for_finetuning(reference_run):
-    cfg = load_config(PretrainConfig, DEMO_CONFIG, ["model.num_frames=8", "data.num_frames=8"])
+    cfg = load_config(PretrainConfig, DEMO_CONFIG, [  # the geometry of tiny_args
+        "model.num_frames=8", "data.num_frames=8", "model.img_size=32", "data.input_size=32",
+        "data.sampling_rate=2", "model.tubelet_size=2", "data.tubelet_size=2"])
     encoder = VideoViT(cfg.model)
     export = reference_run / "checkpoints" / f"step_{STEPS}" / "encoder.safetensors"
     load_encoder_weights(encoder, export)

@@ -1,0 +1,39 @@
+"""``python -m finetune --config configs/finetune/<name>.yaml [key.sub=value ...]``
+
+Fine-tune a (pretrained) video ViT for recognition (``finetune.train``). Runs under a single
+process, ``torchrun``, the ``deepspeed`` launcher or SLURM ``srun``, with the same command
+line. ``--help`` lists every config field.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from finetune.config import FinetuneConfig
+from finetune.train import run
+from runtime.config import parse_config
+from runtime.dist import init_distributed, is_main_process
+from runtime.engine import NonFiniteLossError, NonFiniteWeightsError
+from runtime.logging import setup_logging
+
+logger = logging.getLogger("finetune")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(FinetuneConfig, argv, prog="python -m finetune",
+                       description="Fine-tune a video ViT for recognition (VideoMAE recipe).")
+    init_distributed()
+    setup_logging()
+    try:
+        metrics = run(cfg)
+    except (NonFiniteLossError, NonFiniteWeightsError) as err:
+        logger.error("%s", err)
+        return 1
+    if is_main_process():
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Typed configs of the recognition stage: ``FinetuneConfig``, ``ProbeConfig``, ``ExtractConfig``.
+
+Sections reuse the shared ones: ``model`` (models.ModelConfig), ``data``
+(data_tools.loader.DataConfig), ``optim`` / ``engine`` / ``checkpoint`` (runtime.engine).
+Load with ``runtime.config.parse_config(FinetuneConfig, argv)``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from data_tools.loader import DataConfig, resolve_shards
+from models import ModelConfig
+from runtime.engine import CheckpointConfig, EngineConfig, OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+def check_model_matches_data(model: ModelConfig, data: DataConfig) -> None:
+    """Raise ValueError when the clips the loader makes do not fit the model."""
+    pairs = (("num_frames", model.num_frames, data.num_frames),
+             ("img_size / data.input_size", model.img_size, data.input_size),
+             ("patch_size", model.patch_size, data.patch_size),
+             ("tubelet_size", model.tubelet_size, data.tubelet_size))
+    for name, model_value, data_value in pairs:
+        if model_value != data_value:
+            raise ValueError(f"model.{name} ({model_value}) and data ({data_value}) disagree")
+
+
+def eval_data_config(data: DataConfig, shards: str, world_size: int, batch_size: int = 0,
+                     num_workers: int = -1) -> DataConfig:
+    """``data`` pointed at ``shards`` for the read-once modes (eval / test_views).
+
+    Those modes give every rank x worker its own shards, so the number of workers is lowered
+    to what the shard count allows (with a log line) instead of failing.
+    """
+    count = len(resolve_shards(shards).urls)
+    if count < world_size:
+        raise ValueError(f"{shards} has {count} shard(s) but {world_size} ranks each need one "
+                         "(every video is read once, by one rank): write smaller shards")
+    workers = data.num_workers if num_workers < 0 else num_workers
+    if workers > count // world_size:
+        log.info("%s: %d shards for %d rank(s): using %d loader workers per rank instead of %d",
+                 shards, count, world_size, count // world_size, workers)
+        workers = count // world_size
+    return replace(data, shards=shards, num_workers=workers,
+                   batch_size=batch_size or data.batch_size)
+
+
+@dataclass
+class MixupConfig:
+    mixup: float = field(default=0.8, metadata={
+        "help": "mixup alpha (0 = off); VideoMAE fine-tuning uses 0.8"})
+    cutmix: float = field(default=1.0, metadata={
+        "help": "cutmix alpha (0 = off); the box is cut in H x W and spans all frames"})
+    cutmix_minmax: list[float] = field(default_factory=list, metadata={
+        "help": "cutmix box size range [min, max] as fractions of the side (empty = from alpha)"})
+    prob: float = field(default=1.0, metadata={
+        "help": "probability of applying mixup or cutmix to a batch / element"})
+    switch_prob: float = field(default=0.5, metadata={
+        "help": "probability of cutmix instead of mixup when both are on"})
+    mode: Literal["batch", "pair", "elem"] = field(default="batch", metadata={
+        "help": "draw the mixing parameters per batch, per pair or per element (timm)"})
+    label_smoothing: float = field(default=0.1, metadata={
+        "help": "label smoothing of the (soft) targets"})
+
+    @property
+    def active(self) -> bool:
+        return self.prob > 0 and (self.mixup > 0 or self.cutmix > 0 or bool(self.cutmix_minmax))
+
+    def validate(self) -> None:
+        if min(self.mixup, self.cutmix) < 0 or not 0 <= self.prob <= 1:
+            raise ValueError("mixup and cutmix must be >= 0, prob in [0, 1]")
+        if self.cutmix_minmax and len(self.cutmix_minmax) != 2:
+            raise ValueError(f"cutmix_minmax must be empty or [min, max], got {self.cutmix_minmax}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = field(default=False, metadata={
+        "help": "keep an exponential moving average of the weights (timm ModelEmaV3, fp32)"})
+    decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step"})
+    warmup: bool = field(default=False, metadata={
+        "help": "ramp the decay up over the first steps (timm's warm-up: 1 - (1 + step)^-2/3)"})
+
+    def validate(self) -> None:
+        if not 0 < self.decay < 1:
+            raise ValueError(f"decay must be in (0, 1), got {self.decay}")
+
+
+@dataclass
+class ValConfig:
+    shards: str = field(default="", metadata={
+        "help": "validation shards (manifest, directory or pattern); every video is scored once"})
+    batch_size: int = field(default=0, metadata={
+        "help": "clips per evaluation batch per rank (0 = data.batch_size)"})
+    num_workers: int = field(default=-1, metadata={
+        "help": "loader workers per rank (-1 = data.num_workers; lowered to shards / ranks)"})
+    every_epochs: int = field(default=1, metadata={
+        "help": "single-view validation every N epochs during training (0 = only the final test)"})
+    test_views: bool = field(default=True, metadata={
+        "help": "final test with data.num_test_clips x data.num_test_crops views per video, "
+                "softmax scores averaged (False: one centred view)"})
+
+    def validate(self) -> None:
+        if self.batch_size < 0 or self.every_epochs < 0 or self.num_workers < -1:
+            raise ValueError("batch_size and every_epochs must be >= 0, num_workers >= -1")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = field(default=20, metadata={
+        "help": "write the training loss and lr every N optimizer steps"})
+    tensorboard: bool = field(default=True, metadata={"help": "also write TensorBoard scalars"})
+
+    def validate(self) -> None:
+        if self.every_steps < 1:
+            raise ValueError(f"every_steps must be >= 1, got {self.every_steps}")
+
+
+def _finetune_optim() -> OptimConfig:
+    """VideoMAE's fine-tuning recipe (ViT-B): AdamW (0.9, 0.999), wd 0.05, layer decay 0.75,
+    5 warm-up epochs, cosine to 1e-6."""
+    return OptimConfig(base_lr=1e-3, min_lr=1e-6, warmup_epochs=5.0, epochs=50,
+                       weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.75)
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.1), metadata={
+        "help": "encoder + classification head (num_classes 0 = from the training manifest)"})
+    pretrained: str = field(default="", metadata={
+        "help": "encoder weights: this project's encoder.safetensors, a pretraining run or "
+                "checkpoint folder, an official VideoMAE / V2 .pth or an HF directory "
+                "('' = random init); converted to model.attention as models.convert documents"})
+    head_init_scale: float = field(default=0.001, metadata={
+        "help": "the fresh head starts as trunc_normal(std .02) x this (VideoMAE's init_scale "
+                "0.001, meant for pretrained encoders; 1.0 shortens the initial plateau of "
+                "small models trained from scratch)"})
+    pretrained_strict: bool = field(default=True, metadata={
+        "help": "fail when the checkpoint does not fit the model (beyond a fresh head / fc_norm)"})
+    data: DataConfig = field(default_factory=lambda: DataConfig(crop="random_resized"), metadata={
+        "help": "training shards, clip sampling and augmentation; num_test_clips / "
+                "num_test_crops set the final multi-view test"})
+    val: ValConfig = field(default_factory=ValConfig, metadata={"help": "validation and test"})
+    mixup: MixupConfig = field(default_factory=MixupConfig, metadata={
+        "help": "mixup / cutmix and label smoothing (soft-target cross-entropy)"})
+    ema: EmaConfig = field(default_factory=EmaConfig, metadata={"help": "weight EMA"})
+    optim: OptimConfig = field(default_factory=_finetune_optim, metadata={
+        "help": "AdamW, layer decay and the warm-up + cosine schedule"})
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={
+        "help": "DeepSpeed precision, ZeRO stage, accumulation, compile"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={
+        "help": "checkpoint frequency, retention and resume (as pretraining)"})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "training logs"})
+    out_dir: str = field(default="runs/finetune", metadata={
+        "help": "run folder: config.yaml, metrics.jsonl, checkpoints/, model.safetensors, "
+                "eval/ (metrics.json, predictions.csv, confusion_matrix.png)"})
+    seed: int = field(default=0, metadata={
+        "help": "seeds the head init (same on every rank), per-rank RNG and the data stream"})
+    max_steps: int = field(default=0, metadata={
+        "help": "stop after this many optimizer steps (0 = the whole schedule); the schedule "
+                "still spans optim.epochs"})
+
+    def validate(self) -> None:
+        check_model_matches_data(self.model, self.data)
+        if not self.val.shards:
+            raise ValueError("val.shards must be set (the validation / test shard set)")
+        if self.mixup.active and self.mixup.mode != "elem" and self.data.batch_size % 2:
+            raise ValueError(f"mixup/cutmix mode {self.mixup.mode!r} needs an even "
+                             f"data.batch_size, got {self.data.batch_size}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.head_init_scale <= 0:
+            raise ValueError(f"head_init_scale must be > 0, got {self.head_init_scale}")
+        if not self.out_dir:
+            raise ValueError("out_dir must be set")
+
+
+# ---------------------------------------------------------------------------------------
+# Probe
+
+
+@dataclass
+class ProbeHeadConfig:
+    kind: Literal["linear", "attentive"] = field(default="linear", metadata={
+        "help": "linear: BatchNorm (no affine) + Linear on mean-pooled tokens (MAE); attentive: "
+                "cross-attention pooling with one learned query + Linear on all tokens (V-JEPA)"})
+    epochs: int = field(default=90, metadata={"help": "passes over the cached training features"})
+    batch_size: int = field(default=256, metadata={"help": "features per step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    min_lr: float = field(default=0.0, metadata={"help": "cosine floor"})
+    warmup_epochs: float = field(default=5.0, metadata={"help": "linear warm-up epochs"})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "AdamW weight decay on weight matrices (MAE linear probe: 0; V-JEPA: 0.01)"})
+    num_heads: int = field(default=0, metadata={
+        "help": "attentive probe heads (0 = the encoder's)"})
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs and batch_size must be >= 1, lr > 0")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+
+
+@dataclass
+class ProbeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={
+        "help": "frozen encoder (num_classes is ignored)"})
+    weights: str = field(default="", metadata={
+        "help": "encoder weights as for fine-tuning ('' = randomly initialised encoder, the "
+                "baseline a pretrained encoder must beat)"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={
+        "help": "training shards and clip settings (features use one centred view per video)"})
+    val: ValConfig = field(default_factory=ValConfig, metadata={
+        "help": "validation shards; test_views scores num_test_clips x num_test_crops views"})
+    probe: ProbeHeadConfig = field(default_factory=ProbeHeadConfig, metadata={
+        "help": "probe head and its training"})
+    cache_dir: str = field(default="", metadata={
+        "help": "feature cache folder ('' = <out_dir>/features); reused while the encoder, "
+                "weights and data settings are unchanged"})
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={
+        "help": "autocast precision of the feature extraction (bf16/fp16 on GPUs)"})
+    out_dir: str = field(default="runs/probe", metadata={
+        "help": "run folder: config.yaml, features/, metrics.jsonl, eval/"})
+    seed: int = field(default=0, metadata={"help": "seeds the random encoder and the probe"})
+
+    def validate(self) -> None:
+        check_model_matches_data(self.model, self.data)
+        if not self.val.shards:
+            raise ValueError("val.shards must be set (the validation shard set)")
+        if not self.out_dir:
+            raise ValueError("out_dir must be set")
+
+
+# ---------------------------------------------------------------------------------------
+# Feature extraction
+
+
+@dataclass
+class ExtractConfig:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={
+        "help": "frozen encoder (num_classes is ignored)"})
+    weights: str = field(default="", metadata={
+        "help": "encoder weights as for fine-tuning ('' = random init, for tests only)"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={
+        "help": "the shard set to embed (data.shards) and clip settings"})
+    mode: Literal["clip", "views", "sliding_window"] = field(default="clip", metadata={
+        "help": "clip: one centred clip per video; views: data.num_test_clips x "
+                "data.num_test_crops per video; sliding_window: windows over the whole video, "
+                "centre-cropped (temporal action detection)"})
+    pool: Literal["mean", "tokens"] = field(default="mean", metadata={
+        "help": "mean: (D,) per row; tokens: (N, D) per row (for attentive probes)"})
+    window_stride: int = field(default=4, metadata={
+        "help": "sliding_window: source frames between window starts (a window is "
+                "data.num_frames frames data.sampling_rate apart, resized to data.input_size)"})
+    dtype: Literal["float32", "float16", "bfloat16"] = field(default="float32", metadata={
+        "help": "storage type of the features"})
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={
+        "help": "autocast precision of the encoder forward"})
+    out: str = field(default="runs/features/features.safetensors", metadata={
+        "help": "output safetensors file (rows, keys and labels; see finetune.extract)"})
+
+    def validate(self) -> None:
+        check_model_matches_data(self.model, self.data)
+        if not self.data.shards:
+            raise ValueError("data.shards must be set")
+        if self.window_stride < 1:
+            raise ValueError(f"window_stride must be >= 1, got {self.window_stride}")
+        if not self.out.endswith(".safetensors"):
+            raise ValueError(f"out must end with .safetensors, got {self.out}")

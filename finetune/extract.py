@@ -1,0 +1,277 @@
+"""Frozen-encoder features of a shard set, written to one safetensors file.
+
+``python -m finetune.extract --config configs/finetune/extract_demo.yaml`` (see ``ExtractConfig``).
+
+A feature file holds one row per clip (per view in multi-view mode, per window in
+sliding-window mode):
+
+- ``features``: ``(M, D)`` mean-pooled encoder tokens, or ``(M, N, D)`` with ``pool=tokens``
+  (what the attentive probe needs);
+- ``labels`` ``(M,)`` long, ``views`` ``(M,)`` long (view or window index);
+- optional per-row tensors (``window_start`` / ``window_end`` in seconds for sliding windows);
+- metadata: ``keys`` (JSON list of ``M`` video keys) and ``info`` (JSON: config fingerprint,
+  classes, ...).
+
+Under several ranks each rank extracts its own videos into a part file; rank 0 concatenates
+the parts into the final file (written atomically) and removes them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, ContextManager, Iterable, Literal
+
+import torch
+import webdataset as wds
+from safetensors import safe_open
+from torch import nn
+
+from data_tools.decode import DecodeError, open_video
+from data_tools.loader import VIDEO_EXTENSIONS, DataConfig, build_loader, resolve_shards
+from finetune.config import ExtractConfig, eval_data_config
+from finetune.detection.features import sliding_window_features
+from finetune.train import build_model
+from runtime.config import parse_config, to_dict
+from runtime.dist import barrier, discover, get_rank, get_world_size, init_distributed
+from runtime.io import atomic_save_safetensors
+from runtime.logging import progress, setup_logging
+
+log = logging.getLogger(__name__)
+
+Pooling = Literal["mean", "tokens"]
+
+
+@dataclass
+class FeatureSet:
+    """Rows of features with their video keys; see the module docstring for shapes."""
+
+    keys: list[str]
+    labels: torch.Tensor
+    views: torch.Tensor
+    features: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __post_init__(self) -> None:
+        rows = {"labels": len(self.labels), "views": len(self.views),
+                "features": len(self.features), **{k: len(v) for k, v in self.extra.items()}}
+        bad = {name: n for name, n in rows.items() if n != len(self.keys)}
+        if bad:
+            raise ValueError(f"feature set with {len(self.keys)} keys has mismatched rows: {bad}")
+
+    @staticmethod
+    def concat(parts: list["FeatureSet"]) -> "FeatureSet":
+        if not parts:
+            raise ValueError("no feature parts to concatenate")
+        extra_names = set(parts[0].extra)
+        return FeatureSet(
+            keys=[k for p in parts for k in p.keys],
+            labels=torch.cat([p.labels for p in parts]),
+            views=torch.cat([p.views for p in parts]),
+            features=torch.cat([p.features for p in parts]),
+            extra={n: torch.cat([p.extra[n] for p in parts]) for n in extra_names},
+            info=parts[0].info)
+
+
+def save_features(features: FeatureSet, path: str | Path) -> Path:
+    tensors = {"labels": features.labels, "views": features.views,
+               "features": features.features, **features.extra}
+    metadata = {"keys": json.dumps(features.keys), "info": json.dumps(features.info),
+                "extra": json.dumps(sorted(features.extra))}
+    return atomic_save_safetensors(tensors, path, metadata=metadata)
+
+
+def load_features(path: str | Path) -> FeatureSet:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feature file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        extra_names = json.loads(meta.get("extra", "[]"))
+        return FeatureSet(json.loads(meta["keys"]), tensors["labels"], tensors["views"],
+                          tensors["features"], {n: tensors[n] for n in extra_names},
+                          json.loads(meta.get("info", "{}")))
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a feature file written by finetune.extract "
+                         f"(missing or invalid {err})") from err
+
+
+def read_info(path: str | Path) -> dict | None:
+    """The ``info`` metadata of a feature file, or None if the file is missing or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {}).get("info", "null"))
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+
+
+def pool_tokens(tokens: torch.Tensor, pool: Pooling) -> torch.Tensor:
+    """tokens ``(B, N, D)`` -> ``(B, D)`` (mean) or unchanged (tokens)."""
+    return tokens.mean(dim=1) if pool == "mean" else tokens
+
+
+def extract_clip_features(encoder: nn.Module, loader: Iterable[dict], *,
+                          device: torch.device | str = "cpu", pool: Pooling = "mean",
+                          dtype: torch.dtype = torch.float32,
+                          autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                          desc: str = "features") -> FeatureSet:
+    """Encoder features of every clip this rank's loader yields (one row per clip/view).
+
+    ``encoder.forward_features(video)`` gives ``(B, N, D)`` tokens after the final norm.
+    """
+    encoder.eval()
+    keys, labels, views, chunks = [], [], [], []
+    with torch.inference_mode():
+        for batch in progress(loader, desc=desc):
+            video = batch["video"].to(device, non_blocking=True)
+            with autocast():
+                tokens = encoder.forward_features(video)
+            chunks.append(pool_tokens(tokens.float(), pool).to("cpu", dtype))
+            keys.extend(batch["key"])
+            labels.append(batch["label"].long().cpu())
+            views.append(batch["view"].long().cpu() if "view" in batch
+                         else torch.zeros(len(batch["key"]), dtype=torch.long))
+    if not chunks:
+        dim = getattr(encoder, "embed_dim", 0)
+        empty = torch.zeros((0, dim), dtype=dtype)
+        return FeatureSet([], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                          empty if pool == "mean" else empty[:, None])
+    return FeatureSet(keys, torch.cat(labels), torch.cat(views), torch.cat(chunks))
+
+
+def write_across_ranks(local: FeatureSet, path: str | Path) -> Path:
+    """Write every rank's rows into ``path``: parts per rank, merged by rank 0, then a barrier.
+
+    Every rank must call this. Rows keep rank order (rank 0's rows first).
+    """
+    path = Path(path)
+    world, rank = get_world_size(), get_rank()
+    if world == 1:
+        return save_features(local, path)
+    part = path.with_name(f"{path.stem}.part{rank:05d}-of-{world:05d}.safetensors")
+    save_features(local, part)
+    barrier()
+    if rank == 0:
+        parts = [path.with_name(f"{path.stem}.part{r:05d}-of-{world:05d}.safetensors")
+                 for r in range(world)]
+        merged = FeatureSet.concat([p for p in map(load_features, parts) if len(p)] or [local])
+        merged.info = local.info
+        save_features(merged, path)
+        for p in parts:
+            p.unlink()
+    barrier()
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Running an extraction
+
+
+def default_device() -> torch.device:
+    """This rank's accelerator (``cuda:<local rank>``) or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", discover().local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+    """A context factory: autocast to bf16/fp16, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def extract_split(encoder: nn.Module, data: DataConfig, shards: str, mode: str, *,
+                  pool: Pooling, device: torch.device, precision: str = "fp32",
+                  dtype: torch.dtype = torch.float32, desc: str = "features") -> FeatureSet:
+    """This rank's rows for ``shards`` read in loader mode ``eval`` (one centred clip per
+    video) or ``test_views`` (every view)."""
+    world, rank = get_world_size(), get_rank()
+    loader = build_loader(eval_data_config(data, shards, world), mode, rank, world)
+    return extract_clip_features(encoder, loader, device=device, pool=pool, dtype=dtype,
+                                 autocast=autocast_for(precision, device), desc=desc)
+
+
+def extract_windows(encoder: nn.Module, data: DataConfig, stride: int, *,
+                    device: torch.device, dtype: torch.dtype = torch.float32) -> FeatureSet:
+    """Sliding-window rows of this rank's shards (``shards[rank::world]``), one row per
+    window, with ``window_center`` seconds (``finetune.detection.features``)."""
+
+    world, rank = get_world_size(), get_rank()
+    urls = resolve_shards(data.shards).urls[rank::world]
+    keys, labels, views, chunks, centers = [], [], [], [], []
+    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()) if urls else []
+    for sample in progress(samples, desc="windows"):
+        key, url = sample["__key__"], sample.get("__url__", "?")
+        try:
+            meta = json.loads(sample["json"])
+            video = next(sample[e] for e in VIDEO_EXTENSIONS if e in sample)
+            reader = open_video(video, data.backend, data.short_side,
+                                (int(meta.get("width", 0)), int(meta.get("height", 0))))
+        except (KeyError, StopIteration, ValueError, DecodeError) as err:
+            raise ValueError(f"sample {key!r} of shard {url}: cannot read its video and json "
+                             f"({err!r})") from err
+        fps = float(meta.get("fps") or reader.fps)
+        features, grid = sliding_window_features(
+            encoder, reader, fps, num_frames=data.num_frames, frame_step=data.sampling_rate,
+            stride=stride, size=data.input_size, mean=data.mean, std=data.std,
+            batch_size=data.batch_size, device=device)
+        steps = torch.arange(grid.num_steps)
+        keys += [key] * grid.num_steps
+        labels.append(torch.full((grid.num_steps,), int(meta.get("label", -1)), dtype=torch.long))
+        views.append(steps)
+        chunks.append(features.to(dtype))
+        centers.append(grid.to_seconds(steps.double()).float())
+    if not chunks:
+        return FeatureSet([], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                          torch.zeros(0, encoder.embed_dim, dtype=dtype),
+                          {"window_center": torch.zeros(0)})
+    return FeatureSet(keys, torch.cat(labels), torch.cat(views), torch.cat(chunks),
+                      {"window_center": torch.cat(centers)})
+
+
+def run(cfg: ExtractConfig) -> Path:
+    """Embed ``cfg.data.shards`` with the frozen encoder into ``cfg.out``; returns the path."""
+    init_distributed()
+    device = default_device()
+    encoder = build_model(replace(cfg.model, num_classes=0), cfg.weights).to(device).eval()
+    dtype = STORAGE_DTYPES[cfg.dtype]
+    if cfg.mode == "sliding_window":
+        if cfg.pool != "mean":
+            raise ValueError("mode=sliding_window stores mean-pooled features only (pool=mean)")
+        local = extract_windows(encoder, cfg.data, cfg.window_stride, device=device, dtype=dtype)
+    else:
+        mode = "test_views" if cfg.mode == "views" else "eval"
+        local = extract_split(encoder, cfg.data, cfg.data.shards, mode, pool=cfg.pool,
+                              device=device, precision=cfg.precision, dtype=dtype)
+    local.info = {"config": to_dict(cfg)}
+    path = write_across_ranks(local, cfg.out)
+    log.info("wrote features of %s to %s", cfg.data.shards, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(ExtractConfig, argv, prog="python -m finetune.extract",
+                       description="Write frozen-encoder features of a shard set to one "
+                                   "safetensors file (per clip, per view or per sliding window).")
+    setup_logging()
+    path = run(cfg)
+    if get_rank() == 0:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""Supervised fine-tuning of a video ViT for recognition, on DeepSpeed.
+
+``run(cfg)`` runs one rank: a pretrained encoder (converted to ``model.attention`` and the
+clip size by ``models.convert``) gets a fresh classification head and is trained with
+VideoMAE's recipe - AdamW (0.9, 0.999), layer-wise lr decay, warm-up + cosine, drop path,
+mixup / cutmix with label smoothing (soft-target cross-entropy), optional weight EMA - by the
+same ``runtime.engine`` code as pretraining (checkpoints, exact resume, non-finite losses).
+Validation runs every ``val.every_epochs`` epochs on one centred view; the final test scores
+``num_test_clips x num_test_crops`` views per video and writes ``eval/`` (metrics.json,
+predictions.csv, confusion_matrix.png).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as torch_dist
+from timm.data import Mixup
+from timm.layers import trunc_normal_
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from data_tools.loader import DataConfig, build_loader, resolve_shards
+from finetune.config import FinetuneConfig, MixupConfig, eval_data_config
+from finetune.evaluate import EvalResult, evaluate
+from models import ModelConfig, VideoViT, build_encoder, load_encoder_weights
+from models.convert import config_metadata
+from runtime.dist import get_world_size, init_distributed, is_initialized
+from runtime.engine import DataPosition, TrainEngine, create_engine
+from runtime.io import atomic_save_safetensors, atomic_write_text
+from runtime.logging import RunLogger, progress
+from runtime.seed import seed_everything
+from runtime.training import DataStream, Window, open_run, rank_data_config, timed
+
+logger = logging.getLogger(__name__)
+
+MODEL_EXPORT = "model.safetensors"
+EMA_EXPORT = "model_ema.safetensors"
+ENCODER_EXPORT = "encoder.safetensors"  # what a pretraining checkpoint folder exports
+EVAL_DIR = "eval"
+
+
+# ---------------------------------------------------------------------------------------
+# Model
+
+
+def init_head(model: VideoViT, scale: float) -> None:
+    """Fresh classification head: weights trunc_normal(std .02) x ``scale``, zero bias."""
+    trunc_normal_(model.head.weight, std=0.02)
+    with torch.no_grad():
+        model.head.weight.mul_(scale)
+    nn.init.zeros_(model.head.bias)
+
+
+def resolve_weights(source: str | Path) -> Path:
+    """The weights file behind ``source``: a file, an HF model directory, a pretraining
+    checkpoint folder (``…/checkpoints/step_N`` holding ``encoder.safetensors``) or a run
+    folder (its ``checkpoints/latest``)."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / ENCODER_EXPORT).is_file():
+            return path / ENCODER_EXPORT
+        latest = path / "checkpoints" / "latest"
+        if latest.is_file():
+            tag_dir = latest.parent / latest.read_text().strip()
+            if (tag_dir / ENCODER_EXPORT).is_file():
+                return tag_dir / ENCODER_EXPORT
+        if any((path / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+            return path  # HF model directory
+        raise FileNotFoundError(
+            f"{path} is a folder without {ENCODER_EXPORT}, checkpoints/latest or an HF "
+            "model.safetensors / pytorch_model.bin: pass the weights file")
+    raise FileNotFoundError(f"pretrained weights {path} do not exist")
+
+
+def build_model(cfg: ModelConfig, weights: str, strict: bool = True, seed: int = 0,
+                head_init_scale: float | None = None) -> VideoViT:
+    """``VideoViT(cfg)`` initialised with ``seed`` (identical on every rank), then loaded
+    from ``weights`` when given. A checkpoint of another attention type, frame count or
+    resolution is converted as ``models.convert`` documents, or rejected with the list of
+    what does not fit. ``head_init_scale`` re-draws the head before loading (a checkpoint
+    with a head of the same shape still replaces it)."""
+    torch.manual_seed(seed)
+    model = build_encoder(cfg)
+    if head_init_scale is not None and cfg.num_classes:
+        init_head(model, head_init_scale)
+    if weights:
+        path = resolve_weights(weights)
+        try:
+            report = load_encoder_weights(model, path, strict=strict)
+        except ValueError as err:
+            raise ValueError(f"cannot load {path} into a {cfg.attention}-attention model with "
+                             f"{cfg.num_frames} frames at {cfg.img_size}px: {err}") from err
+        logger.info("loaded %s into the %s model:\n%s", path, cfg.attention, report)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Data and loss
+
+
+class VideoMixup:
+    """timm's ``Mixup`` on video: frames are folded into channels, so a cutmix box is cut
+    in ``H x W`` and spans every frame. Returns soft targets ``(B, K)``."""
+
+    def __init__(self, cfg: MixupConfig, num_classes: int):
+        self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                           cutmix_minmax=cfg.cutmix_minmax or None, prob=cfg.prob,
+                           switch_prob=cfg.switch_prob, mode=cfg.mode,
+                           label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+    def __call__(self, video: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """video ``(B, C, T, H, W)``, label ``(B,)`` -> mixed video, soft targets ``(B, K)``."""
+        folded = video.contiguous().flatten(1, 2)  # (B, C*T, H, W), a view: mixed in place
+        mixed, target = self.mixup(folded, label)
+        return mixed.view_as(video), target
+
+
+def build_criterion(cfg: MixupConfig, num_classes: int
+                    ) -> tuple[VideoMixup | None, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """Mixup (or None) and the loss: soft-target cross-entropy after mixup, else
+    cross-entropy with label smoothing."""
+    if cfg.active:
+        return VideoMixup(cfg, num_classes), SoftTargetCrossEntropy()
+    return None, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
+def num_classes_of(cfg: FinetuneConfig) -> tuple[int, list[str] | None]:
+    """``model.num_classes`` or the class count of the training manifest."""
+    classes = resolve_shards(cfg.data.shards).classes
+    if cfg.model.num_classes:
+        if classes and len(classes) != cfg.model.num_classes:
+            raise ValueError(f"model.num_classes={cfg.model.num_classes} but the manifest of "
+                             f"{cfg.data.shards} lists {len(classes)} classes")
+        return cfg.model.num_classes, classes
+    if not classes:
+        raise ValueError(f"{cfg.data.shards} has no manifest with classes: set model.num_classes")
+    return len(classes), list(classes)
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_split(model: nn.Module, data: DataConfig, shards: str, mode: str, cfg: FinetuneConfig,
+                   engine: TrainEngine, num_classes: int, class_names, rank: int, world_size: int,
+                   out_dir: Path | None = None) -> EvalResult:
+    """Video-level metrics of ``model`` over ``shards`` (``eval`` or ``test_views`` mode)."""
+    eval_cfg = eval_data_config(data, shards, world_size, cfg.val.batch_size, cfg.val.num_workers)
+    loader = build_loader(eval_cfg, mode, rank, world_size)
+    return evaluate(model, loader, num_classes, device=engine.device, autocast=engine.autocast,
+                    out_dir=out_dir, class_names=class_names)
+
+
+def export_model(module: VideoViT, path: Path) -> None:
+    """The classifier as fp32 safetensors with its ModelConfig as metadata (bf16 runs: the
+    bf16 weights the evaluation used, widened)."""
+    state = {k: v.detach().float() for k, v in module.state_dict().items()}
+    atomic_save_safetensors(state, path, metadata=config_metadata(module.cfg))
+
+
+# ---------------------------------------------------------------------------------------
+# Loop
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Fine-tune (or resume) on this rank; returns the final test metrics (same on all ranks):
+    ``top1``, ``top5``, ``mean_class_acc`` (fractions), ``num_videos``, ``step``,
+    ``out_dir`` and, with EMA, the same metrics of the EMA weights prefixed ``ema_``."""
+    env = init_distributed()
+    out_dir, checkpoints, resume_tag = open_run(cfg, cfg.out_dir, cfg.checkpoint, env.is_main)
+
+    num_classes, class_names = num_classes_of(cfg)
+    model_cfg = replace(cfg.model, num_classes=num_classes)
+    model = build_model(model_cfg, cfg.pretrained, cfg.pretrained_strict, cfg.seed,
+                        cfg.head_init_scale)
+    seed_everything(cfg.seed, env.rank)
+    stream = DataStream(rank_data_config(cfg.data, env.rank, env.world_size), cfg.seed,
+                        env.rank, env.world_size, cfg.engine.grad_accum_steps, mode="train")
+    # fp32 copy of the weights before DeepSpeed casts or hooks the module
+    ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup,
+                     dtype=torch.float32) if cfg.ema.enabled else None
+    engine = create_engine(model, cfg.engine, cfg.optim, cfg.data.batch_size, env.world_size,
+                           out_dir, stream.steps_per_epoch)
+    if ema is not None:
+        ema.to(engine.device)
+    client = checkpoints.load(engine, resume_tag) if resume_tag else {}
+    if ema is not None and "ema" in client:
+        ema.module.load_state_dict(client["ema"])
+    position = DataPosition(**client.get("data", {}))
+    stop_at = min(cfg.max_steps or engine.schedule.total_steps, engine.schedule.total_steps)
+    mixup, criterion = build_criterion(cfg.mixup, num_classes)
+
+    def client_state() -> dict:
+        state = {"data": asdict(position), "schedule": asdict(engine.schedule)}
+        if ema is not None:
+            state["ema"] = {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
+        return state
+
+    def validate(epoch: int) -> None:
+        result = evaluate_split(engine.module, cfg.data, cfg.val.shards, "eval", cfg, engine,
+                                num_classes, class_names, env.rank, env.world_size)
+        scalars = {k: v for k, v in result.metrics.items() if k in ("top1", "top5", "mean_class_acc")}
+        if ema is not None:
+            ema_result = evaluate_split(ema.module, cfg.data, cfg.val.shards, "eval", cfg, engine,
+                                        num_classes, class_names, env.rank, env.world_size)
+            scalars["ema_top1"] = ema_result.metrics["top1"]
+        run_log.log(engine.global_step, tag="val", epoch=epoch, **scalars)
+        logger.info("epoch %d step %d: val %s", epoch, engine.global_step,
+                    {k: round(v, 4) for k, v in scalars.items()})
+
+    run_log = RunLogger(out_dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard)
+    bar = progress(None, total=stop_at, initial=engine.global_step, desc="finetune",
+                   enabled=env.is_main)
+    window = Window(start=time.perf_counter())
+    last: dict = {}
+    engine.train()
+    while engine.global_step < stop_at:
+        if position.batch >= stream.batches_per_epoch:
+            position = DataPosition(position.epoch + 1, 0)
+        for batch, wait in timed(stream.segment(position)):
+            position.batch += 1
+            video = batch["video"].to(engine.device, non_blocking=True)
+            target = batch["label"].to(engine.device, non_blocking=True)
+            if mixup is not None:
+                video, target = mixup(video, target)
+            with engine.autocast():
+                logits = engine(video)
+            loss = criterion(logits.float(), target)
+            if engine.step(loss):
+                window.loss += loss.item()
+                window.finite += 1
+            window.clips += video.shape[0]
+            window.data_wait += wait
+            if not engine.last_step_applied:
+                continue
+            step = engine.global_step
+            if ema is not None:
+                ema.update(engine.module, step=step)
+            bar.update(1)
+            if step % cfg.log.every_steps == 0 or step == stop_at:
+                last = window.summary(engine, env.world_size)
+                run_log.log(step, epoch=position.epoch, **last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", refresh=False)
+                window = Window(start=time.perf_counter())
+            epoch_done = position.batch == stream.batches_per_epoch
+            every = cfg.val.every_epochs
+            if epoch_done and every and (position.epoch + 1) % every == 0 and step < stop_at:
+                validate(position.epoch)
+            every = cfg.checkpoint.every_steps
+            if step == stop_at or (every and step % every == 0):
+                checkpoints.save(engine, step, client_state())
+                break  # the next segment's loader starts at the checkpointed position
+            if step >= stop_at:
+                break
+    bar.close()
+
+    metrics = final_test(cfg, engine, ema, num_classes, class_names, env.rank, env.world_size,
+                         out_dir)
+    metrics.update(step=engine.global_step, out_dir=str(out_dir))
+    run_log.log(engine.global_step, tag="test", **{k: v for k, v in metrics.items()
+                                                   if isinstance(v, float)})
+    run_log.close()
+    return metrics
+
+
+def final_test(cfg: FinetuneConfig, engine: TrainEngine, ema: ModelEmaV3 | None, num_classes: int,
+               class_names, rank: int, world_size: int, out_dir: Path) -> dict:
+    """Multi-view test of the final (and EMA) weights; rank 0 writes ``eval/`` and exports."""
+    mode = "test_views" if cfg.val.test_views else "eval"
+    result = evaluate_split(engine.module, cfg.data, cfg.val.shards, mode, cfg, engine,
+                            num_classes, class_names, rank, world_size, out_dir / EVAL_DIR)
+    metrics = dict(result.metrics)
+    if ema is not None:
+        ema_result = evaluate_split(ema.module, cfg.data, cfg.val.shards, mode, cfg, engine,
+                                    num_classes, class_names, rank, world_size,
+                                    out_dir / EVAL_DIR / "ema")
+        metrics.update({f"ema_{k}": v for k, v in ema_result.metrics.items()})
+    if rank == 0:
+        export_model(engine.module, out_dir / MODEL_EXPORT)
+        if ema is not None:
+            export_model(ema.module, out_dir / EMA_EXPORT)
+        atomic_write_text(out_dir / EVAL_DIR / "metrics.json",
+                          json.dumps({"mode": mode, "views_per_video": _views(cfg, mode),
+                                      **metrics}, indent=2) + "\n")
+    logger.info("test (%s): %s", mode, {k: round(v, 4) for k, v in metrics.items()})
+    return broadcast_metrics(metrics)
+
+
+def _views(cfg: FinetuneConfig, mode: str) -> int:
+    return cfg.data.num_test_clips * cfg.data.num_test_crops if mode == "test_views" else 1
+
+
+def broadcast_metrics(metrics: dict) -> dict:
+    """Rank 0's dict on every rank (``num_views`` is only known where the scores were gathered)."""
+    if not is_initialized() or get_world_size() == 1:
+        return metrics
+    holder = [metrics]
+    torch_dist.broadcast_object_list(holder, src=0)
+    return holder[0]

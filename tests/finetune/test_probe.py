@@ -1,0 +1,116 @@
+"""Linear and attentive probes: from a real pretraining run folder to metrics, with the
+feature cache reused while the encoder and data settings are unchanged."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.config import ProbeConfig, ProbeHeadConfig, ValConfig
+from finetune.extract import FeatureSet, load_features
+from finetune.probe import AttentiveProbe, LinearProbe, run, train_probe
+from pretrain.config import PretrainConfig
+from pretrain.train import train as pretrain
+from runtime.config import parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(demo_root, tmp_path_factory) -> Path:
+    """A real 2-step pretraining run of configs/pretrain/demo_tiny.yaml on 8-frame clips."""
+    out = tmp_path_factory.mktemp("pretrain_for_probe")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain(parse_config(PretrainConfig, [
+            "--config", str(REPO / "configs/pretrain/demo_tiny.yaml"),
+            f"data.shards={demo_root / 'train'}", f"out_dir={out}", "model.num_frames=8",
+            "data.num_frames=8", "data.batch_size=4", "data.num_workers=0", "max_steps=2",
+            "model.img_size=32", "data.input_size=32", "model.tubelet_size=2", "data.tubelet_size=2", "data.sampling_rate=2",
+            "checkpoint.every_steps=2", "log.vis_every_steps=-1", "log.tensorboard=false"]))
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+@pytest.fixture
+def probe_cfg(pretrain_run, tiny_model_cfg, tiny_data_cfg, tmp_path):
+    """Probe of the pretraining run's encoder (8x8 patches, as pretrained), 2 views per video."""
+    model = tiny_model_cfg(patch_size=8)
+    return ProbeConfig(
+        model=model, weights=str(pretrain_run),
+        data=tiny_data_cfg("train", patch_size=8, num_test_clips=2),
+        val=ValConfig(shards=tiny_data_cfg("val").shards, test_views=True),
+        probe=ProbeHeadConfig(epochs=4, batch_size=8, warmup_epochs=1),
+        out_dir=str(tmp_path / "probe"))
+
+
+def test_linear_probe_runs_from_a_pretraining_run_and_reuses_its_cache(probe_cfg, tmp_path):
+    metrics = run(probe_cfg)
+    assert metrics["num_videos"] == 20 and metrics["num_views"] == 2.0
+    assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+    out = Path(probe_cfg.out_dir)
+    rows = list(csv.DictReader((out / "eval" / "predictions.csv").open()))
+    assert len(rows) == 20 and {r["num_views"] for r in rows} == {"2"}
+    assert json.loads((out / "eval" / "metrics.json").read_text())["top1"] == metrics["top1"]
+
+    train_file, val_file = out / "features" / "train-mean.safetensors", out / "features" / "val-mean.safetensors"
+    train, val = load_features(train_file), load_features(val_file)
+    assert train.features.shape == (30, 64) and len(set(train.keys)) == 30
+    assert val.features.shape == (40, 64) and sorted(set(val.views.tolist())) == [0, 1]
+    stamps = {p: p.stat().st_mtime_ns for p in (train_file, val_file)}
+
+    again = run(dataclasses.replace(probe_cfg, probe=dataclasses.replace(probe_cfg.probe, epochs=2)))
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # same encoder: cache reused
+    assert again["num_videos"] == 20
+
+    random_init = run(dataclasses.replace(probe_cfg, weights=""))
+    assert train_file.stat().st_mtime_ns != stamps[train_file]  # other weights: re-extracted
+    assert not torch.equal(load_features(train_file).features, train.features)
+    assert random_init["num_videos"] == 20
+
+
+def test_attentive_probe_trains_on_cached_tokens(probe_cfg):
+    cfg = dataclasses.replace(probe_cfg, probe=dataclasses.replace(probe_cfg.probe, kind="attentive"),
+                              val=dataclasses.replace(probe_cfg.val, test_views=False))
+    metrics = run(cfg)
+    assert metrics["num_videos"] == 20 and metrics["num_views"] == 1.0
+    tokens = load_features(Path(cfg.out_dir) / "features" / "train-tokens.safetensors")
+    assert tokens.features.shape == (30, 64, 64) and tokens.features.dtype == torch.float16
+
+
+def separable_features(num_per_class=40, num_classes=3, dim=16, tokens=0, seed=0) -> FeatureSet:
+    """Gaussian clusters (or token sets whose mean is the cluster centre) with an offset and
+    scale a BatchNorm has to undo."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=gen) * 3
+    labels = torch.arange(num_classes).repeat_interleave(num_per_class)
+    shape = (len(labels), tokens, dim) if tokens else (len(labels), dim)
+    noise = torch.randn(*shape, generator=gen)
+    centre = centres[labels][:, None] if tokens else centres[labels]
+    features = 50.0 + 10.0 * (centre + noise)
+    return FeatureSet([f"v{i}" for i in range(len(labels))], labels,
+                      torch.zeros(len(labels), dtype=torch.long), features)
+
+
+@pytest.mark.parametrize("kind", ["linear", "attentive"])
+def test_probe_training_separates_separable_features(kind):
+    train = separable_features(tokens=4 if kind == "attentive" else 0)
+    head = LinearProbe(16, 3) if kind == "linear" else AttentiveProbe(16, 3, num_heads=2)
+    cfg = ProbeHeadConfig(epochs=30, batch_size=16, lr=3e-3, warmup_epochs=2)
+    head = train_probe(head, train, cfg, torch.device("cpu"), seed=0)
+    with torch.no_grad():
+        accuracy = (head(train.features).argmax(1) == train.labels).float().mean()
+    assert accuracy > 0.9
+
+
+def test_linear_probe_is_an_affine_free_batch_norm_and_a_small_linear_layer():
+    probe = LinearProbe(256, 400)
+    assert not probe.norm.affine and probe.norm.eps == 1e-6
+    assert probe.head.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert torch.count_nonzero(probe.head.bias) == 0
