@@ -13,19 +13,9 @@ from typing import Literal
 from data_tools.loader import DataConfig, resolve_shards
 from models import ModelConfig
 from runtime.engine import CheckpointConfig, EngineConfig, OptimConfig
+from runtime.training import check_model_matches_data
 
 log = logging.getLogger(__name__)
-
-
-def check_model_matches_data(model: ModelConfig, data: DataConfig) -> None:
-    """Raise ValueError when the clips the loader makes do not fit the model."""
-    pairs = (("num_frames", model.num_frames, data.num_frames),
-             ("img_size / data.input_size", model.img_size, data.input_size),
-             ("patch_size", model.patch_size, data.patch_size),
-             ("tubelet_size", model.tubelet_size, data.tubelet_size))
-    for name, model_value, data_value in pairs:
-        if model_value != data_value:
-            raise ValueError(f"model.{name} ({model_value}) and data ({data_value}) disagree")
 
 
 def eval_data_config(data: DataConfig, shards: str, world_size: int, batch_size: int = 0,

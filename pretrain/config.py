@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from data_tools.loader import DataConfig
 from models import ModelConfig
 from runtime.engine import CheckpointConfig, EngineConfig, OptimConfig
+from runtime.training import check_model_matches_data
 
 
 @dataclass
@@ -53,13 +54,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         model, data = self.model, self.data
-        pairs = (("num_frames", model.num_frames, data.num_frames),
-                 ("img_size / data.input_size", model.img_size, data.input_size),
-                 ("patch_size", model.patch_size, data.patch_size),
-                 ("tubelet_size", model.tubelet_size, data.tubelet_size))
-        for name, model_value, data_value in pairs:
-            if model_value != data_value:
-                raise ValueError(f"model.{name} ({model_value}) and data ({data_value}) disagree")
+        check_model_matches_data(model, data)
         if tuple(model.pixel_mean) != tuple(data.mean) or tuple(model.pixel_std) != tuple(data.std):
             raise ValueError("model.pixel_mean/pixel_std must equal data.mean/std (the target "
                              "undoes the input normalisation)")

@@ -7,6 +7,7 @@
 - ``timed``: batches with the time spent waiting for each (the data-wait fraction).
 - ``Window``: sums since the last log line and their cross-rank summary.
 - ``open_run``: the run folder, its checkpoints and the tag to resume from.
+- ``check_model_matches_data``: the clips the loader makes fit the model.
 """
 from __future__ import annotations
 
@@ -24,6 +25,17 @@ from runtime.config import save_resolved_config
 from runtime.dist import is_initialized
 from runtime.engine import (CheckpointConfig, CheckpointManager, DataPosition, TrainEngine,
                             segment_seed)
+
+
+def check_model_matches_data(model: Any, data: DataConfig) -> None:
+    """Raise ValueError when the loader's clips (``data``) do not fit the model config."""
+    pairs = (("num_frames", model.num_frames, data.num_frames),
+             ("img_size / data.input_size", model.img_size, data.input_size),
+             ("patch_size", model.patch_size, data.patch_size),
+             ("tubelet_size", model.tubelet_size, data.tubelet_size))
+    for name, model_value, data_value in pairs:
+        if model_value != data_value:
+            raise ValueError(f"model.{name} ({model_value}) and data ({data_value}) disagree")
 
 
 def open_run(cfg: Any, out_dir: str | Path, checkpoint: CheckpointConfig, is_main: bool
