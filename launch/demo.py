@@ -118,9 +118,9 @@ def results_table(results: dict) -> str:
             lines.append(f"| fine-tune | {attention} | val top-1 % | {_pct(results[key]['top1'])} |")
     detection = results.get("detection", {})
     for key, label, encoder in (
-            ("ava/frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "joint (fine-tuned)"),
+            ("ava/frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "joint, random init, fine-tuned"),
             ("ava/prior_baseline_frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "baseline: class priors"),
-            ("tad/average_mAP", "temporal mAP@[0.3:0.7] %", "joint (frozen features)"),
+            ("tad/average_mAP", "temporal mAP@[0.3:0.7] %", "frozen random-init encoder"),
             ("tad/whole_video_baseline_average_mAP", "temporal mAP@[0.3:0.7] %",
              "baseline: whole video")):
         if key in detection:
