@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = model_config(args.size, args.quick)
     model = VideoMAEPretrain(cfg).to(device)
     video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
-    mask = tube_masks(args.batch, cfg.grid, MASK_RATIO).to(device)
-    decoder_mask = running_cell_masks(args.batch, cfg.grid).to(device)
+    mask = tube_masks(args.batch, cfg.grid, MASK_RATIO)  # host masks, as in training
+    decoder_mask = running_cell_masks(args.batch, cfg.grid)
 
     visible = int((~mask[0]).sum())
     predicted = {"all masked": int(mask[0].sum()), "running cell": int((~decoder_mask[0]).sum())}

@@ -63,9 +63,10 @@ def build(impl: str, args, device: torch.device):
     torch.manual_seed(0)
     ours = VideoMAEPretrain(cfg)
     video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
-    mask = tube_masks(args.batch, cfg.grid, MASK_RATIO).to(device)
+    mask = tube_masks(args.batch, cfg.grid, MASK_RATIO)  # ours: the loader's host mask
     if impl == "ours":
         return ours.to(device), lambda m: m(video, mask)[0]
+    mask = mask.to(device)
     hf = to_hf(ours, VideoMAEForPreTraining, "pretrain", args.hf_attn).to(device)
     video_hf = video.transpose(1, 2).contiguous()
     return hf, lambda m: m(video_hf, bool_masked_pos=mask).loss

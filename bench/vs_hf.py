@@ -67,10 +67,11 @@ def pretrain_pair(cfg: ModelConfig, args, device: torch.device) -> tuple[dict, d
     hf = to_hf(ours, VideoMAEForPreTraining, "pretrain", args.hf_attn).to(device)
     video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
     video_hf = video.transpose(1, 2).contiguous()  # HF takes (B, T, C, H, W)
-    mask = tube_masks(args.batch, cfg.grid, MASK_RATIO).to(device)
+    mask = tube_masks(args.batch, cfg.grid, MASK_RATIO)  # ours takes the loader's host mask
+    mask_hf = mask.to(device)  # HF indexes with the mask on the device
     with torch.no_grad(), autocast(device, args.dtype):
         loss, pred, _ = ours(video, mask)
-        out = hf(video_hf, bool_masked_pos=mask)
+        out = hf(video_hf, bool_masked_pos=mask_hf)
     check = {"loss_ours": loss.item(), "loss_hf": out.loss.item(),
              "pred_max_abs_diff": max_difference(pred, out.logits)}
     run_ours, run_hf = ours, hf
@@ -78,7 +79,7 @@ def pretrain_pair(cfg: ModelConfig, args, device: torch.device) -> tuple[dict, d
         run_ours, run_hf = torch.compile(ours), torch.compile(hf)
     steps = {
         "ours": train_step(run_ours, make_adamw(ours, device), lambda m: m(video, mask)[0], device, args.dtype),
-        "hf": train_step(run_hf, make_adamw(hf, device), lambda m: m(video_hf, bool_masked_pos=mask).loss,
+        "hf": train_step(run_hf, make_adamw(hf, device), lambda m: m(video_hf, bool_masked_pos=mask_hf).loss,
                          device, args.dtype),
     }
     return steps, check

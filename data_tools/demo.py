@@ -394,8 +394,9 @@ class DemoConfig:
 SPLITS = ("train", "val")
 
 
-def _fragment(rng: np.random.Generator, sprites: np.ndarray, pool: np.ndarray) -> np.ndarray:
-    """A 4x4 crop of a random digit with some ink: distractors look like digit strokes."""
+def digit_fragment(rng: np.random.Generator, sprites: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """A 4x4 crop of a random digit (from ``sprites[pool]``) with some ink: distractors look
+    like digit strokes."""
     for _ in range(20):
         sprite = sprites[rng.choice(pool)]
         r, c = rng.integers(0, 5, 2)
@@ -403,6 +404,14 @@ def _fragment(rng: np.random.Generator, sprites: np.ndarray, pool: np.ndarray) -
         if crop.sum() > 2.0:
             return crop
     return crop
+
+
+def distractor_tracks(rng: np.random.Generator, count: int, sprites: np.ndarray,
+                      pool: np.ndarray) -> list[Track]:
+    """``count`` dim digit fragments drifting slowly across the canvas (clutter)."""
+    return [Track(digit_fragment(rng, sprites, pool), "drift", MOTIONS["drift"].sample_params(rng),
+                  random_color(rng, value=(0.35, 0.7)))
+            for _ in range(count)]
 
 
 def render_demo_clip(class_name: str, rng: np.random.Generator, cfg: DemoConfig,
@@ -420,9 +429,7 @@ def render_demo_clip(class_name: str, rng: np.random.Generator, cfg: DemoConfig,
     sprite_index = int(rng.choice(pool))
     params = forward.sample_params(rng)
     digit = Track(sprites[sprite_index], forward.name, params, random_color(rng))
-    distractors = [Track(_fragment(rng, sprites, pool), "drift", _sample_drift(rng),
-                         random_color(rng, value=(0.35, 0.7)))
-                   for _ in range(rng.integers(0, cfg.max_distractors + 1))]
+    distractors = distractor_tracks(rng, int(rng.integers(0, cfg.max_distractors + 1)), sprites, pool)
     background = make_background(rng, cfg.canvas_size, grain=cfg.grain)
     noise = rng.normal(0.0, cfg.jitter, (cfg.num_frames, 1, 4)) * [1.0, 1.0, 1.0, 300.0]
     frames, _ = render_clip(cfg.canvas_size, [digit], cfg.num_frames, background, distractors,

@@ -11,7 +11,7 @@ from torch import nn
 from .config import ModelConfig
 from .layers import Block, layer_norm, patchify, unpatchify
 from .pos_embed import PositionEmbedding
-from .vit import VideoViT, init_transformer_weights, register_model, run_blocks
+from .vit import VideoViT, index_to_device, init_transformer_weights, register_model, run_blocks
 
 STD_EPS = 1e-6
 
@@ -111,6 +111,14 @@ class VideoMAEPretrain(nn.Module):
                              f"got {counts.tolist()}")
         return reconstruct.nonzero()[:, 1].reshape(mask.shape[0], -1)
 
+    def _token_indices(self, mask: torch.Tensor, decoder_mask: torch.Tensor | None,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visible ``(B, Nv)`` and reconstructed ``(B, Nd)`` token indices on ``device``, built
+        where the masks live (see :meth:`VideoViT.visible_index`)."""
+        visible_index = self.encoder.visible_index(mask)
+        decode_index = self._decode_index(mask, decoder_mask)
+        return index_to_device(visible_index, device), index_to_device(decode_index, device)
+
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         self.encoder.check_video(x)
         return self.patchify(x)
@@ -138,14 +146,13 @@ class VideoMAEPretrain(nn.Module):
         count; the official V2 code counts them in the loss too, here they carry no weight.)
         """
         patches = self._patches(x)
-        visible_index = self.encoder.visible_index(mask)
-        decode_index = self._decode_index(mask, decoder_mask)
+        visible_index, decode_index = self._token_indices(mask, decoder_mask, x.device)
         pred = self.predict(patches, visible_index, decode_index)
         with torch.no_grad():
             target = self.make_target(patches.gather(1, decode_index[..., None].expand(-1, -1, patches.shape[-1])))
         if decoder_mask is None:
             return F.mse_loss(pred, target), pred, target
-        weight = mask.gather(1, decode_index).to(pred.dtype)  # encoder-visible tokens carry no loss
+        weight = mask.to(x.device, non_blocking=True).gather(1, decode_index).to(pred.dtype)  # encoder-visible tokens carry no loss
         per_token = (pred - target).pow(2).mean(-1)
         loss = (per_token * weight).sum() / weight.sum().clamp_min(1.0)
         return loss, pred, target
@@ -156,8 +163,7 @@ class VideoMAEPretrain(nn.Module):
         ones predicted (a normalised target is mapped back with the true patch statistics, as
         VideoMAE's visualisation does)."""
         patches = self._patches(x)
-        visible_index = self.encoder.visible_index(mask)
-        decode_index = self._decode_index(mask, None)
+        visible_index, decode_index = self._token_indices(mask, None, x.device)
         pred = self.predict(patches, visible_index, decode_index)
         index = decode_index[..., None].expand(-1, -1, patches.shape[-1])
         true_pixels = self._pixels(patches.gather(1, index))

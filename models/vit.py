@@ -33,6 +33,16 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, num_frames: int, use_chec
     return x
 
 
+def index_to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move token indices built on the host to ``device`` without blocking the host (through
+    pinned memory on CUDA); a no-op when they are there already."""
+    if index.device == device:
+        return index
+    if device.type == "cuda":
+        index = index.pin_memory()
+    return index.to(device, non_blocking=True)
+
+
 class VideoViT(nn.Module):
     """Video ViT: tubelet embedding, position table, ``depth`` blocks, final norm, head.
 
@@ -85,7 +95,11 @@ class VideoViT(nn.Module):
     def visible_index(self, mask: torch.Tensor) -> torch.Tensor:
         """Boolean mask ``(B, N)`` (True = hidden) -> indices of visible tokens ``(B, N_visible)``
         in (t, h, w) order. Every sample must keep the same number of tokens; factorised
-        attention types also need a tube mask (the same spatial mask in every time slice)."""
+        attention types also need a tube mask (the same spatial mask in every time slice).
+
+        Computed on the mask's device: the checks and ``nonzero`` need the host, so a mask
+        still on the host (as the loader delivers it) costs the accelerator no sync; the
+        forward passes copy the indices over with :func:`index_to_device`."""
         n = self.cfg.num_tokens
         if mask.dtype != torch.bool or mask.ndim != 2 or mask.shape[1] != n:
             raise ValueError(f"mask must be a bool tensor (B, {n}), got {mask.dtype} {tuple(mask.shape)}")
@@ -129,7 +143,8 @@ class VideoViT(nn.Module):
             if return_grid:
                 raise ValueError("return_grid=True needs every token: call it without a mask")
             cfg = self.cfg
-            tokens = self.embed_visible(patchify(x, cfg.tubelet_size, cfg.patch_size), self.visible_index(mask))
+            visible_index = index_to_device(self.visible_index(mask), x.device)
+            tokens = self.embed_visible(patchify(x, cfg.tubelet_size, cfg.patch_size), visible_index)
         tokens = self.forward_tokens(tokens)
         if return_grid:
             return tokens.transpose(1, 2).reshape(tokens.shape[0], self.embed_dim, *self.grid)

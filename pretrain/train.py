@@ -40,11 +40,12 @@ ENCODER_EXPORT = "encoder.safetensors"
 def pretrain_step(engine: TrainEngine, batch: dict) -> float | None:
     """Forward and ``engine.step`` on one micro-batch; the loss, or None when it was skipped
     as non-finite."""
-    device = engine.device
-    video = batch["video"].to(device, non_blocking=True)
-    extra = {"decoder_mask": batch["decoder_mask"].to(device)} if "decoder_mask" in batch else {}
+    video = batch["video"].to(engine.device, non_blocking=True)
+    # the masks stay on the host: the model turns them into token indices there (no device
+    # sync) and copies only the indices over
+    extra = {"decoder_mask": batch["decoder_mask"]} if "decoder_mask" in batch else {}
     with engine.autocast():
-        loss, _, _ = engine(video, batch["mask"].to(device), **extra)
+        loss, _, _ = engine(video, batch["mask"], **extra)
     return loss.item() if engine.step(loss) else None
 
 

@@ -31,8 +31,7 @@ from data_tools.demo import (
     Actor,
     Clutter,
     Pose,
-    _fragment,
-    _sample_drift,
+    distractor_tracks,
     load_digit_sprites,
     make_background,
     prepare_demo_dir,
@@ -163,23 +162,13 @@ def _plan_actors(rng: np.random.Generator, cfg: AVADemoConfig, pool: np.ndarray,
     return plans
 
 
-def _distractors(rng: np.random.Generator, count: int, pool: np.ndarray, sprites: np.ndarray) -> list[tuple]:
-    return [(_fragment(rng, sprites, pool), _sample_drift(rng), random_color(rng, value=(0.35, 0.7)))
-            for _ in range(count)]
-
-
-def _distractor_actor(distractor: tuple, t: float) -> Actor:
-    sprite, params, color = distractor
-    return Actor(sprite, MOTIONS["drift"].pose(t, params), color)
-
-
 def render_ava_video(rng: np.random.Generator, cfg: AVADemoConfig, split: str):
     """Frames uint8 ``(N, H, W, 3)``, per-frame actor boxes ``(N, A, 4)`` normalised (NaN when
     invisible), distractor boxes ``(N, D, 4)``, and each actor's label names."""
     sprites, _ = load_digit_sprites()
     pool = sprite_pool(split)
     plans = _plan_actors(rng, cfg, pool, sprites)
-    distractors = _distractors(rng, int(rng.integers(0, cfg.max_distractors + 1)), pool, sprites)
+    distractors = distractor_tracks(rng, int(rng.integers(0, cfg.max_distractors + 1)), sprites, pool)
     size = cfg.canvas_size
     background = make_background(rng, size)
     num_frames = int(round(cfg.duration_s * cfg.fps))
@@ -189,7 +178,7 @@ def render_ava_video(rng: np.random.Generator, cfg: AVADemoConfig, split: str):
         t = i / (num_frames - 1)
         actors = [Actor(p.sprite, replace(p.pose(t), x=p.pose(t).x + jitter[i, k, 0], y=p.pose(t).y + jitter[i, k, 1]), p.color)
                   for k, p in enumerate(plans)]
-        clutter_actors = [_distractor_actor(d, t) for d in distractors]
+        clutter_actors = [d.actor(t) for d in distractors]
         frame, boxes = render_frame(size, actors, Clutter(background, tuple(clutter_actors)))
         _, fragment_boxes = render_frame(size, clutter_actors)  # where the detector's false alarms go
         frames.append(frame)
@@ -284,7 +273,7 @@ def render_tad_video(rng: np.random.Generator, cfg: TADDemoConfig, split: str):
     segments = _segment_plan(rng, cfg)
     sprite, color = sprites[int(rng.choice(pool))], random_color(rng)
     params = [MOTIONS[MOTIONS[name].reverse_of or name].sample_params(rng) for _, _, name in segments]
-    distractors = _distractors(rng, int(rng.integers(0, cfg.max_distractors + 1)), pool, sprites)
+    distractors = distractor_tracks(rng, int(rng.integers(0, cfg.max_distractors + 1)), sprites, pool)
     background = make_background(rng, cfg.canvas_size)
     num_frames = int(round(cfg.duration_s * cfg.fps))
     jitter = rng.normal(0.0, cfg.jitter, (num_frames, 2))
@@ -293,7 +282,7 @@ def render_tad_video(rng: np.random.Generator, cfg: TADDemoConfig, split: str):
         now = i / cfg.fps
         pose = _pose_at(now, segments, params)
         actor = Actor(sprite, replace(pose, x=pose.x + jitter[i, 0], y=pose.y + jitter[i, 1]), color)
-        clutter = Clutter(background, tuple(_distractor_actor(d, now / cfg.duration_s) for d in distractors))
+        clutter = Clutter(background, tuple(d.actor(now / cfg.duration_s) for d in distractors))
         frames.append(render_frame(cfg.canvas_size, [actor], clutter)[0])
     return np.stack(frames), segments
 
