@@ -5,7 +5,8 @@
 presentation order in both backends.
 
 - ``decord`` (default when installed): seeks to the keyframe before each requested frame and
-  decodes forward, like the official VideoMAE loaders.
+  decodes forward, like the official VideoMAE loaders. With ``"auto"``, frame widths decord
+  0.6 mis-sizes (e.g. 48 px) are decoded by PyAV instead.
 - ``pyav`` (used when decord is missing - it has no aarch64 / recent macOS wheels - or when
   asked): builds a packet index by demuxing (no decoding), then does the same keyframe seek.
 
@@ -102,6 +103,7 @@ def open_video(data: bytes, backend: str = "auto", short_side: int = 0,
             header when resizing.
         num_threads: decoder threads; 1 inside DataLoader workers.
     """
+    auto = backend == "auto"
     backend = resolve_backend(backend)
     if not data:
         raise DecodeError("empty file", "empty_video")
@@ -110,16 +112,24 @@ def open_video(data: bytes, backend: str = "auto", short_side: int = 0,
         width, height = size if size and size[0] > 0 and size[1] > 0 else probe_size(data)
         out_size = resized_size(width, height, short_side)
     if backend == "decord":
-        return DecordReader(data, out_size, num_threads)
+        return DecordReader(data, out_size, num_threads, pyav_fallback=auto)
     return PyAVReader(data, out_size, num_threads)
 
 
 class DecordReader:
-    """decord ``VideoReader`` over bytes; ``out_size`` is ``(width, height)`` or None."""
+    """decord ``VideoReader`` over bytes; ``out_size`` is ``(width, height)`` or None.
+
+    decord 0.6 cannot return frames of some widths (16, 24, 48 and 72 px among those tried:
+    "DECORDArrayCopyFromTo: The size must exactly match"); with ``pyav_fallback`` (the
+    ``"auto"`` backend) such a video is decoded by PyAV instead of failing."""
 
     def __init__(self, data: bytes, out_size: tuple[int, int] | None = None,
-                 num_threads: int = 1):
+                 num_threads: int = 1, pyav_fallback: bool = False):
         import decord
+
+        self._data, self._out_size, self._num_threads = data, out_size, num_threads
+        self._pyav_fallback = pyav_fallback
+        self._fallback: PyAVReader | None = None
 
         width, height = out_size or (-1, -1)
         try:
@@ -135,11 +145,16 @@ class DecordReader:
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
         _check_indices(indices, self.num_frames)
+        if self._fallback is not None:
+            return self._fallback.get_frames(indices)
         import decord
 
         try:
             frames = self._reader.get_batch(list(map(int, indices)))
         except (RuntimeError, decord.DECORDError) as err:
+            if self._pyav_fallback and "DECORDArrayCopyFromTo" in str(err):
+                self._fallback = PyAVReader(self._data, self._out_size, self._num_threads)
+                return self._fallback.get_frames(indices)
             raise DecodeError(f"decord failed on frames {list(indices)}: "
                               f"{_first_line(err)}") from err
         return torch.utils.dlpack.from_dlpack(frames.to_dlpack())  # zero-copy

@@ -87,3 +87,18 @@ def test_backend_choice():
     assert resolve_backend("auto") == ("decord" if decord_available() else "pyav")
     with pytest.raises(ValueError, match="unknown video backend"):
         resolve_backend("ffmpeg")
+
+
+@needs_decord
+def test_auto_backend_decodes_widths_decord_cannot(clip_tools):
+    """decord 0.6 mis-sizes 48-px-wide frames; "auto" falls back to PyAV for them, an explicit
+    "decord" reports the failure."""
+    frames = clip_tools.synthetic_frames(num_frames=6, height=32, width=48)
+    data = clip_tools.encode_h264(frames, gop=4)
+    with pytest.raises(DecodeError, match="decord failed"):
+        open_video(data, "decord").get_frames([0, 5])
+    reader = open_video(data, "auto")
+    got = reader.get_frames([5, 0, 3])
+    assert tuple(got.shape) == (3, 32, 48, 3)
+    np.testing.assert_array_equal(clip_tools.frame_index_of(got.numpy()), [5, 0, 3])
+    np.testing.assert_array_equal(got.numpy(), open_video(data, "pyav").get_frames([5, 0, 3]).numpy())
