@@ -114,7 +114,7 @@ def _run_inspect(args) -> int:
 
 
 _DEMO_CLI_FIELDS = ("seed", "canvas_size", "num_frames", "fps", "gop", "train_per_class",
-                    "val_per_class", "jitter", "max_distractors", "shard_max_count")
+                    "val_per_class", "jitter", "background", "max_distractors", "shard_max_count")
 
 
 def _add_demo(sub) -> None:

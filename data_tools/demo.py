@@ -155,14 +155,24 @@ def render_frame(canvas_size: CanvasSize, actors: Sequence[Actor], clutter: Clut
     return (np.clip(canvas, 0, 1) * 255 + 0.5).astype(np.uint8), boxes
 
 
+BACKGROUNDS = ("smooth", "flat")
+
+
 def make_background(rng: np.random.Generator, canvas_size: CanvasSize, level: float = 0.35,
-                    grain: float = 0.04) -> np.ndarray:
-    """A dark, smooth random colour field plus static grain: float32 (H, W, 3) in [0, 1]."""
+                    grain: float = 0.04, kind: str = "smooth") -> np.ndarray:
+    """A dark random colour - a smooth field (``kind="smooth"``: a 4x4 grid of colours,
+    bilinearly interpolated) or one colour (``"flat"``) - plus static grain: float32
+    (H, W, 3) in [0, 1]."""
     from scipy.ndimage import zoom
 
+    if kind not in BACKGROUNDS:
+        raise ValueError(f"background kind must be one of {BACKGROUNDS}, got {kind!r}")
     height, width = _hw(canvas_size)
-    coarse = rng.uniform(0, level, (4, 4, 3)).astype(np.float32)
-    smooth = zoom(coarse, (height / 4, width / 4, 1), order=1, mode="nearest", grid_mode=True)
+    if kind == "flat":
+        smooth = np.broadcast_to(rng.uniform(0, level, 3).astype(np.float32), (height, width, 3))
+    else:
+        coarse = rng.uniform(0, level, (4, 4, 3)).astype(np.float32)
+        smooth = zoom(coarse, (height / 4, width / 4, 1), order=1, mode="nearest", grid_mode=True)
     noise = rng.uniform(-grain, grain, (height, width, 1)).astype(np.float32)
     return np.clip(smooth + noise, 0, 1)
 
@@ -365,7 +375,12 @@ class DemoConfig:
     grain: float = field(default=0.0, metadata={
         "help": "amplitude of static per-pixel background noise; VideoMAE's per-patch "
                 "normalised target turns any grain on an empty patch into unpredictable "
-                "unit-variance noise, so the default background is smooth"})
+                "unit-variance noise, so the default is no grain"})
+    background: str = field(default="flat", metadata={
+        "help": "flat (one random colour per clip) | smooth (a random colour field); VideoMAE's "
+                "per-patch normalised target turns a smooth field into a ramp per patch whose "
+                "direction the visible patches rarely reveal, which holds the loss at the "
+                "level of predicting each patch's mean"})
     max_distractors: int = field(default=3, metadata={
         "help": "up to this many drifting digit-fragment distractors per clip"})
     shard_max_count: int = field(default=32, metadata={"help": "samples per shard"})
@@ -385,6 +400,8 @@ class DemoConfig:
             raise ValueError(f"unknown motion classes {unknown}; known: {sorted(MOTIONS)}")
         if self.canvas_size < 8 or self.canvas_size % 2:
             raise ValueError(f"canvas_size must be even and >= 8, got {self.canvas_size}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
         if self.num_frames < 2:
             raise ValueError(f"num_frames must be >= 2, got {self.num_frames}")
         if min(self.train_per_class, self.val_per_class) < 0:
@@ -430,7 +447,7 @@ def render_demo_clip(class_name: str, rng: np.random.Generator, cfg: DemoConfig,
     params = forward.sample_params(rng)
     digit = Track(sprites[sprite_index], forward.name, params, random_color(rng))
     distractors = distractor_tracks(rng, int(rng.integers(0, cfg.max_distractors + 1)), sprites, pool)
-    background = make_background(rng, cfg.canvas_size, grain=cfg.grain)
+    background = make_background(rng, cfg.canvas_size, grain=cfg.grain, kind=cfg.background)
     noise = rng.normal(0.0, cfg.jitter, (cfg.num_frames, 1, 4)) * [1.0, 1.0, 1.0, 300.0]
     frames, _ = render_clip(cfg.canvas_size, [digit], cfg.num_frames, background, distractors,
                             noise)

@@ -4,9 +4,13 @@ Stages (each writes its own run folder under ``--out``; the folders of an earlie
 removed first, so every figure in the final table is computed in this invocation):
 
 1. build the demo action dataset (``data_tools.demo``) as H.264 mp4 files packed in shards;
-2. pretrain a tiny VideoMAE on the training shards (DeepSpeed, single process);
-3. linear probe on frozen features: the pretrained encoder vs a randomly initialised one;
-4. fine-tune the pretrained encoder with ``space_only``, ``joint`` and ``divided`` attention;
+2. pretrain a tiny VideoMAE on the training shards (DeepSpeed, single process); its final
+   reconstruction loss is shown next to the loss of predicting zeros (each patch's mean), the
+   level a model that learnt nothing reaches;
+3. linear and attentive probes on frozen features: the pretrained encoder vs a randomly
+   initialised one;
+4. fine-tune the pretrained encoder with ``space_only``, ``joint`` and ``divided`` attention,
+   and ``joint`` from random initialisation (what pretraining adds to fine-tuning);
 5. spatio-temporal (AVA-style) and temporal action detection on the demo detection sets.
 
 Run ``python launch/demo.py --help`` for the options.
@@ -34,7 +38,13 @@ from runtime.logging import setup_logging  # noqa: E402
 logger = logging.getLogger("demo")
 
 FINETUNE_ATTENTIONS = ("space_only", "joint", "divided")
-STAGE_DIRS = ("data", "pretrain", "probe_pretrained", "probe_random", "detection",
+SCRATCH_ATTENTION = "joint"  # also fine-tuned from random initialisation, the control
+PROBES = {  # stage name -> (kind, encoder): pretrained or random init ("")
+    "probe_pretrained": ("linear", "pretrained"), "probe_random": ("linear", "random"),
+    "attentive_pretrained": ("attentive", "pretrained"), "attentive_random": ("attentive", "random"),
+}
+ATTENTIVE_OVERRIDES = ("probe.kind=attentive", "probe.weight_decay=0.01", "probe.epochs=20")
+STAGE_DIRS = ("data", "pretrain", "detection", *PROBES, f"finetune_{SCRATCH_ATTENTION}_random",
               *(f"finetune_{a}" for a in FINETUNE_ATTENTIONS))
 
 
@@ -62,22 +72,23 @@ def pretrain(out: Path, data_dir: Path, quick: bool) -> dict:
     return train(_config(PretrainConfig, "pretrain/demo_tiny.yaml", overrides))
 
 
-def probe(out: Path, data_dir: Path, weights: str, name: str) -> dict:
+def probe(out: Path, data_dir: Path, weights: str, name: str, kind: str) -> dict:
     from finetune.config import ProbeConfig
     from finetune.probe import run
 
     cfg = _config(ProbeConfig, "finetune/probe_demo.yaml", [
         f"weights={weights}", f"out_dir={out / name}", f"data.shards={data_dir / 'train'}",
-        f"val.shards={data_dir / 'val'}"])
+        f"val.shards={data_dir / 'val'}", *(ATTENTIVE_OVERRIDES if kind == "attentive" else ())])
     return run(cfg)
 
 
-def finetune(out: Path, data_dir: Path, weights: str, attention: str, quick: bool) -> dict:
+def finetune(out: Path, data_dir: Path, weights: str, attention: str, quick: bool,
+             name: str) -> dict:
     from finetune.config import FinetuneConfig
     from finetune.train import run
 
     overrides = [f"model.attention={attention}", f"pretrained={weights}",
-                 f"out_dir={out / f'finetune_{attention}'}", f"data.shards={data_dir / 'train'}",
+                 f"out_dir={out / name}", f"data.shards={data_dir / 'train'}",
                  f"val.shards={data_dir / 'val'}"]
     if quick:
         overrides.append("optim.epochs=2")
@@ -104,18 +115,33 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * float(value):.1f}"
 
 
+def _loss(value) -> str:
+    return "n/a" if value is None else f"{float(value):.4f}"
+
+
 def results_table(results: dict) -> str:
     """Markdown table of the figures computed in this run."""
     chance = results.get("chance")
     lines = ["| stage | encoder | metric | value |", "| --- | --- | --- | --- |"]
-    for name, label in (("probe_pretrained", "pretrained (VideoMAE)"),
-                        ("probe_random", "random init")):
+    if "pretrain" in results:
+        run = results["pretrain"]
+        lines.append(f"| pretraining | VideoMAE, tube masking | reconstruction loss (last steps) | "
+                     f"{_loss(run.get('loss'))} |")
+        lines.append(f"| pretraining | baseline: predicting zeros (each patch's mean) | "
+                     f"reconstruction loss (same clips) | {_loss(run.get('zero_pred_loss'))} |")
+    for name, (kind, encoder) in PROBES.items():
         if name in results:
-            lines.append(f"| linear probe | {label} | val top-1 % | {_pct(results[name]['top1'])} |")
+            label = "pretrained (VideoMAE)" if encoder == "pretrained" else "random init"
+            lines.append(f"| {kind} probe | {label} | val top-1 % | {_pct(results[name]['top1'])} |")
     for attention in FINETUNE_ATTENTIONS:
         key = f"finetune_{attention}"
         if key in results:
-            lines.append(f"| fine-tune | {attention} | val top-1 % | {_pct(results[key]['top1'])} |")
+            lines.append(f"| fine-tune | {attention}, pretrained | val top-1 % | "
+                         f"{_pct(results[key]['top1'])} |")
+    key = f"finetune_{SCRATCH_ATTENTION}_random"
+    if key in results:
+        lines.append(f"| fine-tune | {SCRATCH_ATTENTION}, random init | val top-1 % | "
+                     f"{_pct(results[key]['top1'])} |")
     detection = results.get("detection", {})
     for key, label, encoder in (
             ("ava/frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "joint, random init, fine-tuned"),
@@ -153,16 +179,21 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = len((data_dir / "classes.txt").read_text().split())
     results["chance"] = 1.0 / num_classes
     run = _timed("pretrain", lambda: pretrain(out, data_dir, args.quick), timings)
+    results["pretrain"] = run
     weights = run["out_dir"]
-    results["probe_pretrained"] = _timed("probe (pretrained)",
-                                         lambda: probe(out, data_dir, weights, "probe_pretrained"),
-                                         timings)
-    results["probe_random"] = _timed("probe (random init)",
-                                     lambda: probe(out, data_dir, "", "probe_random"), timings)
+    for name, (kind, encoder) in PROBES.items():
+        source = weights if encoder == "pretrained" else ""
+        results[name] = _timed(f"{kind} probe ({encoder})",
+                               lambda: probe(out, data_dir, source, name, kind), timings)
     for attention in FINETUNE_ATTENTIONS:
-        results[f"finetune_{attention}"] = _timed(
-            f"finetune ({attention})",
-            lambda: finetune(out, data_dir, weights, attention, args.quick), timings)
+        name = f"finetune_{attention}"
+        results[name] = _timed(f"finetune ({attention}, pretrained)",
+                               lambda: finetune(out, data_dir, weights, attention, args.quick, name),
+                               timings)
+    name = f"finetune_{SCRATCH_ATTENTION}_random"
+    results[name] = _timed(f"finetune ({SCRATCH_ATTENTION}, random init)",
+                           lambda: finetune(out, data_dir, "", SCRATCH_ATTENTION, args.quick, name),
+                           timings)
     if not args.skip_detection:
         results["detection"] = _timed("detection", lambda: detection(out, args.quick), timings)
     results["seconds"] = timings

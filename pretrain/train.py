@@ -37,16 +37,21 @@ logger = logging.getLogger(__name__)
 ENCODER_EXPORT = "encoder.safetensors"
 
 
-def pretrain_step(engine: TrainEngine, batch: dict) -> float | None:
-    """Forward and ``engine.step`` on one micro-batch; the loss, or None when it was skipped
-    as non-finite."""
+def pretrain_step(engine: TrainEngine, batch: dict) -> tuple[float | None, float]:
+    """Forward and ``engine.step`` on one micro-batch: ``(loss, zero_loss)``, the loss None
+    when the step was skipped as non-finite. ``zero_loss`` is the loss of predicting zeros -
+    each patch's mean, for a normalised target - the floor a model that learnt nothing
+    reaches (with a decoder mask it also counts the few encoder-visible tokens)."""
     video = batch["video"].to(engine.device, non_blocking=True)
     # the masks stay on the host: the model turns them into token indices there (no device
     # sync) and copies only the indices over
     extra = {"decoder_mask": batch["decoder_mask"]} if "decoder_mask" in batch else {}
     with engine.autocast():
-        loss, _, _ = engine(video, batch["mask"], **extra)
-    return loss.item() if engine.step(loss) else None
+        loss, _, target = engine(video, batch["mask"], **extra)
+    zero_loss = target.detach().float().pow(2).mean()
+    applied = engine.step(loss)
+    loss_value, zero_value = torch.stack((loss.detach().float(), zero_loss)).tolist()
+    return (loss_value if applied else None), zero_value
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,7 +112,8 @@ def check_schedule(saved: dict | None, engine: TrainEngine) -> None:
 
 
 def train(cfg: PretrainConfig) -> dict:
-    """Run (or resume) pretraining on this rank; returns ``{"step", "loss", "out_dir"}``."""
+    """Run (or resume) pretraining on this rank; returns ``{"step", "loss", "zero_pred_loss",
+    "out_dir"}`` (the losses of the last log window)."""
     env = init_distributed()
     out_dir, checkpoints, resume_tag = open_run(cfg, cfg.out_dir, cfg.checkpoint, env.is_main)
 
@@ -134,7 +140,8 @@ def train(cfg: PretrainConfig) -> dict:
                 position = DataPosition(position.epoch + 1, 0)
             for batch, wait in timed(stream.segment(position)):
                 position.batch += 1
-                window.add(pretrain_step(engine, batch), len(batch["video"]), wait)
+                loss, zero_loss = pretrain_step(engine, batch)
+                window.add(loss, len(batch["video"]), wait, zero_pred_loss=zero_loss)
                 if not engine.last_step_applied:
                     continue
                 step = engine.global_step
@@ -142,7 +149,8 @@ def train(cfg: PretrainConfig) -> dict:
                 if step % cfg.log.every_steps == 0 or step == stop_at:
                     last = window.summary(engine, env.world_size)
                     run_log.log(step, epoch=position.epoch, **last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                    bar.set_postfix(loss=f"{last['loss']:.4f}",
+                                    zero_pred=f"{last['zero_pred_loss']:.4f}", lr=f"{last['lr']:.2e}",
                                     clips_s=f"{last['clips_per_s']:.1f}",
                                     wait=f"{last['data_wait']:.0%}", refresh=False)
                     window = Window()
@@ -159,7 +167,8 @@ def train(cfg: PretrainConfig) -> dict:
     _write_rank_summary(out_dir, env.rank, env.world_size, stream, engine)
     if env.is_main and (out_dir / METRICS_FILE).is_file() and last:
         save_loss_curve(out_dir / METRICS_FILE, out_dir / "figures" / "loss_curve.png")
-    return {"step": engine.global_step, "loss": last.get("loss", math.nan), "out_dir": str(out_dir)}
+    return {"step": engine.global_step, "loss": last.get("loss", math.nan),
+            "zero_pred_loss": last.get("zero_pred_loss", math.nan), "out_dir": str(out_dir)}
 
 
 def _write_rank_summary(out_dir: Path, rank: int, world_size: int, stream: DataStream,

@@ -68,13 +68,18 @@ def save_reconstruction_grid(video: torch.Tensor, mask: torch.Tensor, reconstruc
 
 def save_loss_curve(metrics_file: str | Path, path: str | Path, tag: str = "train") -> Path:
     """PNG of ``loss`` against ``step`` from a metrics.jsonl (the last record wins for a
-    step logged twice, e.g. after a resume), with the lr on a second axis."""
+    step logged twice, e.g. after a resume), with the loss of predicting zeros (dashed, when
+    logged) and the lr on a second axis."""
     by_step = {r["step"]: r for r in read_metrics(metrics_file, tag) if "loss" in r}
     if not by_step:
         raise ValueError(f"{metrics_file} has no '{tag}' records with a loss")
     steps = sorted(by_step)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [float(by_step[s]["loss"]) for s in steps], color="tab:blue", label="loss")
+    if all("zero_pred_loss" in by_step[s] for s in steps):
+        ax.plot(steps, [float(by_step[s]["zero_pred_loss"]) for s in steps], color="tab:gray",
+                linestyle="--", label="predicting zeros (patch mean)")
+        ax.legend(loc="upper right", fontsize="small")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("reconstruction loss (MSE)")
     if all("lr" in by_step[s] for s in steps):

@@ -143,12 +143,17 @@ class Window:
     finite: int = 0
     clips: int = 0
     data_wait: float = 0.0
+    extras: dict[str, float] = field(default_factory=dict)
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: float | None, clips: int, data_wait: float) -> None:
+    def add(self, loss: float | None, clips: int, data_wait: float, **extras: float) -> None:
+        """``extras`` are further per-step scalars averaged like the loss (over the steps
+        whose loss was finite)."""
         if loss is not None:
             self.loss += loss
             self.finite += 1
+            for name, value in extras.items():
+                self.extras[name] = self.extras.get(name, 0.0) + value
         self.clips += clips
         self.data_wait += data_wait
 
@@ -156,8 +161,12 @@ class Window:
         """Mean loss and data-wait over ranks, clips/s over all ranks, the lr of the last
         step, the non-finite count and (when DeepSpeed computes it) the gradient norm."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        loss, wait = global_mean([self.loss / max(self.finite, 1), self.data_wait], engine.device)
-        scalars = {"loss": loss, "lr": engine.schedule.lr_at(engine.global_step - 1),
+        steps = max(self.finite, 1)
+        names = sorted(self.extras)
+        loss, wait, *extras = global_mean([self.loss / steps, self.data_wait,
+                                           *(self.extras[n] / steps for n in names)], engine.device)
+        scalars = {"loss": loss, **dict(zip(names, extras)),
+                   "lr": engine.schedule.lr_at(engine.global_step - 1),
                    "clips_per_s": self.clips * world_size / elapsed,
                    "data_wait": min(wait / elapsed, 1.0),
                    "nonfinite_total": engine.nonfinite_total}

@@ -13,8 +13,8 @@ from sklearn.model_selection import cross_val_score
 from threadpoolctl import threadpool_limits
 
 from data_tools.demo import (DEMO_CLASSES, MOTIONS, Actor, DemoConfig, Pose, Track,
-                             clip_rng, load_digit_sprites, render_clip, render_demo_clip,
-                             render_frame)
+                             clip_rng, load_digit_sprites, make_background, render_clip,
+                             render_demo_clip, render_frame)
 from data_tools.manifest import load_manifest
 from data_tools.video_io import keyframe_indices, write_mp4
 from tests.data_tools.build_fixtures import TINY_DEMO_SEED, make_tiny_demo, tiny_demo  # noqa: F401
@@ -138,3 +138,20 @@ def test_write_mp4_round_trip():
     assert decoded.shape == frames.shape and reader.get_avg_fps() == 10
     assert np.abs(decoded.astype(int) - frames).mean() < 3
     assert write_mp4(frames, fps=10, gop=4) == data
+
+
+def test_background_kinds():
+    rng = np.random.default_rng(0)
+    flat = make_background(rng, 32, grain=0.0, kind="flat")
+    assert flat.shape == (32, 32, 3) and np.ptp(flat.reshape(-1, 3), axis=0).max() == 0
+    smooth = make_background(rng, 32, grain=0.0, kind="smooth")
+    assert np.ptp(smooth.reshape(-1, 3), axis=0).max() > 0.01
+    assert (smooth.min() >= 0) and (smooth.max() <= 0.35)
+    with pytest.raises(ValueError, match="flat"):
+        make_background(rng, 32, kind="noise")
+    with pytest.raises(ValueError, match="background"):
+        DemoConfig(background="noise").validate()
+    frames, _ = render_demo_clip("move_right", clip_rng(0, "train", 0),
+                                 DemoConfig.tiny(background="flat", max_distractors=0))
+    corners = frames[:, [0, 0, -1, -1], [0, -1, 0, -1]].reshape(-1, 3)
+    assert np.ptp(corners, axis=0).max() == 0  # one colour wherever the digit is not
