@@ -152,7 +152,8 @@ class VideoMAEPretrain(nn.Module):
             target = self.make_target(patches.gather(1, decode_index[..., None].expand(-1, -1, patches.shape[-1])))
         if decoder_mask is None:
             return F.mse_loss(pred, target), pred, target
-        weight = mask.to(x.device, non_blocking=True).gather(1, decode_index).to(pred.dtype)  # encoder-visible tokens carry no loss
+        # encoder-visible tokens carry no loss (the loader's mask is pinned on CUDA machines)
+        weight = mask.to(x.device, non_blocking=True).gather(1, decode_index).to(pred.dtype)
         per_token = (pred - target).pow(2).mean(-1)
         loss = (per_token * weight).sum() / weight.sum().clamp_min(1.0)
         return loss, pred, target
