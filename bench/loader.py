@@ -41,8 +41,9 @@ import psutil  # installed with deepspeed
 import torch
 
 from data_tools.build import ReencodeOptions, SourceItem, SourceSet, build_shards
+from data_tools.config import DataConfig
 from data_tools.decode import resolve_backend
-from data_tools.loader import DataConfig, build_loader
+from data_tools.loader import build_loader
 
 REENCODE_GOP = 16
 

@@ -44,12 +44,13 @@ if __package__ in (None, ""):
 import torch
 import torch.distributed as torch_dist
 
-from bench.common import (add_common_args, benchmark, finish, machine_info, peak_matmul_tflops, setup,
-                          tube_masks)
+from bench.common import (add_common_args, benchmark, finish, machine_info, peak_matmul_tflops,
+                          setup, tube_masks)
 from bench.decoder_mask import decoder_flops
 from models import ModelConfig, VideoMAEPretrain
 from runtime.dist import init_distributed
-from runtime.engine import EngineConfig, OptimConfig, create_engine
+from runtime.engine import EngineConfig, create_engine
+from runtime.optim import OptimConfig
 
 MASK_RATIO = 0.9
 
@@ -64,7 +65,8 @@ class Case:
 
 
 CASES = {
-    "tiny": Case("tiny", ModelConfig(size="micro", img_size=32, patch_size=8, num_frames=16), 8, 256),
+    "tiny": Case("tiny",
+                 ModelConfig(size="micro", img_size=32, patch_size=8, num_frames=16), 8, 256),
     "vit_s": Case("vit_s", ModelConfig(size="small"), 2, 64),
     "vit_b": Case("vit_b", ModelConfig(size="base"), 1, 32, gpu_only=True),
 }
@@ -73,7 +75,8 @@ CASES = {
 def pretrain_flops(cfg: ModelConfig, num_visible: int, num_predict: int) -> dict[str, float]:
     """Forward FLOPs per clip by part (see the module docstring), and ``step`` = 3 x forward."""
     enc, dec = cfg.encoder_dims(), cfg.decoder_dims()
-    block = (8 + 4 * enc.mlp_ratio) * num_visible * enc.embed_dim ** 2 + 4 * num_visible ** 2 * enc.embed_dim
+    block = ((8 + 4 * enc.mlp_ratio) * num_visible * enc.embed_dim ** 2
+             + 4 * num_visible ** 2 * enc.embed_dim)
     parts = {
         "encoder": 2 * num_visible * cfg.patch_dim * enc.embed_dim + enc.depth * block,
         "bridge": 2 * num_visible * enc.embed_dim * dec.embed_dim,
@@ -107,8 +110,10 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, world_si
     optim_cfg = OptimConfig(warmup_epochs=0.0, epochs=1)
     engine = create_engine(VideoMAEPretrain(cfg), engine_cfg, optim_cfg, batch, world_size,
                            out_dir=None, steps_per_epoch=10 ** 6)
-    video = torch.randn(batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
-    mask = tube_masks(batch, cfg.grid, MASK_RATIO)  # host mask, as the loader delivers it (the model builds token indices there: no device sync)
+    video = torch.randn(batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size,
+                        device=device)
+    # a host mask, as the loader delivers it (the model builds token indices there: no device sync)
+    mask = tube_masks(batch, cfg.grid, MASK_RATIO)
 
     def step() -> None:
         with engine.autocast():
@@ -141,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     add_common_args(parser, warmup=2, repeats=5)
     parser.add_argument("--configs", nargs="+", choices=sorted(CASES), default=None,
                         help="default: tiny vit_s on CPU, tiny vit_s vit_b on CUDA")
-    parser.add_argument("--batch", type=int, default=None, help="clips per rank (default per config)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="clips per rank (default per config)")
     parser.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2))
     args = parser.parse_args(argv)
     env = init_distributed()
@@ -157,8 +163,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if env.rank != 0:
         return None
     extra = {"peak_bf16_matmul_tflops": args.peak_tflops, "mask_ratio": MASK_RATIO}
-    columns = ["config", "input", "batch_per_rank", "ranks", "precision", "zero", "step_ms", "step_cpu_s",
-               "clips_s", "peak_mem_mib_per_rank", "gflop_step_per_clip", "tflops"]
+    columns = ["config", "input", "batch_per_rank", "ranks", "precision", "zero", "step_ms",
+               "step_cpu_s", "clips_s", "peak_mem_mib_per_rank", "gflop_step_per_clip", "tflops"]
     if args.peak_tflops:
         columns.append("mfu")
     return finish("pretrain", args, machine_info(device), rows, columns, extra=extra)

@@ -25,7 +25,8 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 from transformers import VideoMAEForPreTraining
 
-from bench.common import add_common_args, autocast, finish, machine_info, make_adamw, setup, tube_masks
+from bench.common import (add_common_args, autocast, finish, machine_info, make_adamw, setup,
+                          tube_masks)
 from bench.vs_hf import MASK_RATIO, model_config, to_hf
 from models import VideoMAEPretrain
 
@@ -33,8 +34,10 @@ from models import VideoMAEPretrain
 # This project's model calls its encoder's parts directly, so the encoder region runs from
 # the first block to the final norm (the tubelet embedding is outside, in "forward").
 REGIONS = {
-    "ours": {"encoder blocks": ("encoder.blocks.0", "encoder.norm"), "decoder": ("decoder", "decoder")},
-    "hf": {"encoder blocks": ("videomae.encoder", "videomae.layernorm"), "decoder": ("decoder", "decoder")},
+    "ours": {"encoder blocks": ("encoder.blocks.0", "encoder.norm"),
+             "decoder": ("decoder", "decoder")},
+    "hf": {"encoder blocks": ("videomae.encoder", "videomae.layernorm"),
+           "decoder": ("decoder", "decoder")},
 }
 
 
@@ -62,7 +65,8 @@ def build(impl: str, args, device: torch.device):
     cfg = model_config(args.size, args.quick)
     torch.manual_seed(0)
     ours = VideoMAEPretrain(cfg)
-    video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
+    video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size,
+                        device=device)
     mask = tube_masks(args.batch, cfg.grid, MASK_RATIO)  # ours: the loader's host mask
     if impl == "ours":
         return ours.to(device), lambda m: m(video, mask)[0]
@@ -105,29 +109,36 @@ def profile_step(impl: str, args, device: torch.device, out_dir: Path) -> tuple[
 
     events = prof.key_averages()
     on_gpu = device.type == "cuda"
-    self_time = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    self_time = ((lambda e: e.self_device_time_total) if on_gpu
+                 else (lambda e: e.self_cpu_time_total))
     ops = [e for e in events if not e.key.startswith(("region::", "Optimizer."))]
     total_us = sum(self_time(e) for e in ops)
     top = sorted(ops, key=self_time, reverse=True)[:args.rows]
     per_step_ms = 1e-3 / args.repeats
-    rows = [{"impl": impl, "op": e.key, "calls": e.count // args.repeats, "self_ms": self_time(e) * per_step_ms,
+    rows = [{"impl": impl, "op": e.key, "calls": e.count // args.repeats,
+             "self_ms": self_time(e) * per_step_ms,
              "self_pct": 100 * self_time(e) / total_us if total_us else 0.0,
-             "total_ms": (e.device_time_total if on_gpu else e.cpu_time_total) * per_step_ms} for e in top]
+             "total_ms": (e.device_time_total if on_gpu else e.cpu_time_total) * per_step_ms}
+            for e in top]
     regions = {e.key.removeprefix("region::"): e.cpu_time_total * per_step_ms
                for e in events if e.key.startswith("region::")}
-    summary = {"impl": impl, "trace": str(trace), "op_self_total_ms": total_us * per_step_ms, "regions_ms": regions}
+    summary = {"impl": impl, "trace": str(trace), "op_self_total_ms": total_us * per_step_ms,
+               "regions_ms": regions}
     return rows, summary
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, warmup=2, repeats=3)
     parser.add_argument("--size", default="small", help="model size preset (16x224 input)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--impl", nargs="+", choices=["ours", "hf"], default=["ours", "hf"])
     parser.add_argument("--hf-attn", default="sdpa")
-    parser.add_argument("--rows", type=int, default=15, help="top operators listed per implementation")
-    parser.add_argument("--out", type=Path, default=Path("bench/out/profile_step"), help="trace folder")
+    parser.add_argument("--rows", type=int, default=15,
+                        help="top operators listed per implementation")
+    parser.add_argument("--out", type=Path, default=Path("bench/out/profile_step"),
+                        help="trace folder")
     args = parser.parse_args(argv)
     device = setup(args)
     if args.quick:
@@ -143,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     for s in summaries:
         regions = ", ".join(f"{k} {v:.0f} ms" for k, v in s["regions_ms"].items())
-        print(f"{s['impl']}: operators' self time {s['op_self_total_ms']:.0f} ms; {regions}; trace {s['trace']}")
+        print(f"{s['impl']}: operators' self time {s['op_self_total_ms']:.0f} ms; {regions}; "
+              f"trace {s['trace']}")
     return result
 
 

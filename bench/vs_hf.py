@@ -5,7 +5,7 @@ of ``--repeats``, after ``--warmup`` untimed calls each):
 
 - ``pretrain step``: forward + backward + AdamW step of ``VideoMAEPretrain`` against
   ``VideoMAEForPreTraining`` (90% tube masking, normalised-pixel target, identical weights
-  copied through ``models.convert.project_to_hf``, identical masks, the same
+  copied through ``models.hf.project_to_hf``, identical masks, the same
   ``torch.optim.AdamW`` settings on both sides);
 - ``inference``: forward of ``VideoViT`` with a 400-class head against
   ``VideoMAEForVideoClassification`` on every token (mean pooling + ``fc_norm``).
@@ -35,7 +35,7 @@ from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVide
 from bench.common import (add_common_args, autocast, benchmark, finish, machine_info, make_adamw,
                           ratio, setup, train_step, tube_masks)
 from models import ModelConfig, VideoMAEPretrain, VideoViT
-from models.convert import hf_config, project_to_hf
+from models.hf import hf_config, project_to_hf
 
 MASK_RATIO = 0.9
 NUM_CLASSES = 400
@@ -65,7 +65,8 @@ def pretrain_pair(cfg: ModelConfig, args, device: torch.device) -> tuple[dict, d
     """Step closures of both implementations, and how far their first outputs differ."""
     ours = VideoMAEPretrain(cfg).to(device)
     hf = to_hf(ours, VideoMAEForPreTraining, "pretrain", args.hf_attn).to(device)
-    video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
+    video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size,
+                        device=device)
     video_hf = video.transpose(1, 2).contiguous()  # HF takes (B, T, C, H, W)
     mask = tube_masks(args.batch, cfg.grid, MASK_RATIO)  # ours takes the loader's host mask
     mask_hf = mask.to(device)  # HF indexes with the mask on the device
@@ -78,9 +79,10 @@ def pretrain_pair(cfg: ModelConfig, args, device: torch.device) -> tuple[dict, d
     if args.compile:
         run_ours, run_hf = torch.compile(ours), torch.compile(hf)
     steps = {
-        "ours": train_step(run_ours, make_adamw(ours, device), lambda m: m(video, mask)[0], device, args.dtype),
-        "hf": train_step(run_hf, make_adamw(hf, device), lambda m: m(video_hf, bool_masked_pos=mask_hf).loss,
-                         device, args.dtype),
+        "ours": train_step(run_ours, make_adamw(ours, device), lambda m: m(video, mask)[0], device,
+                           args.dtype),
+        "hf": train_step(run_hf, make_adamw(hf, device),
+                         lambda m: m(video_hf, bool_masked_pos=mask_hf).loss, device, args.dtype),
     }
     return steps, check
 
@@ -88,7 +90,8 @@ def pretrain_pair(cfg: ModelConfig, args, device: torch.device) -> tuple[dict, d
 def inference_pair(cfg: ModelConfig, args, device: torch.device) -> tuple[dict, dict]:
     ours = VideoViT(replace(cfg, num_classes=NUM_CLASSES)).to(device).eval()
     hf = to_hf(ours, VideoMAEForVideoClassification, "encoder", args.hf_attn).to(device).eval()
-    video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
+    video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size,
+                        device=device)
     video_hf = video.transpose(1, 2).contiguous()
     run_ours, run_hf = (torch.compile(ours), torch.compile(hf)) if args.compile else (ours, hf)
 
@@ -110,9 +113,9 @@ def measure(size: str, mode: str, args, device: torch.device) -> dict:
     cases, check = make(cfg, args, device)
     timings = benchmark(cases, device, args.warmup, args.repeats)
     ours, hf = timings["ours"], timings["hf"]
-    return {"size": "micro" if args.quick else size, "mode": mode, "input": f"{cfg.num_frames}x{cfg.img_size}",
-            "batch": args.batch, "dtype": args.dtype, "compile": args.compile,
-            "ours_ms": ours.median * 1e3, "hf_ms": hf.median * 1e3,
+    return {"size": "micro" if args.quick else size, "mode": mode,
+            "input": f"{cfg.num_frames}x{cfg.img_size}", "batch": args.batch, "dtype": args.dtype,
+            "compile": args.compile, "ours_ms": ours.median * 1e3, "hf_ms": hf.median * 1e3,
             "speedup": ratio(hf.median, ours.median),
             "speedup_cpu_time": ratio(hf.cpu_median, ours.cpu_median),
             "ours_clips_s": args.batch / ours.median, "hf_clips_s": args.batch / hf.median,
@@ -120,14 +123,17 @@ def measure(size: str, mode: str, args, device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, warmup=2, repeats=7)
     parser.add_argument("--sizes", nargs="+", default=None,
                         help="model sizes (default: tiny small on CPU, base on CUDA)")
-    parser.add_argument("--batch", type=int, default=None, help="clips per step (default: 2 on CPU, 32 on CUDA)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="clips per step (default: 2 on CPU, 32 on CUDA)")
     parser.add_argument("--modes", nargs="+", choices=["pretrain step", "inference"],
                         default=["pretrain step", "inference"])
-    parser.add_argument("--hf-attn", default="sdpa", help="HF attn_implementation (sdpa is its fastest built-in)")
+    parser.add_argument("--hf-attn", default="sdpa",
+                        help="HF attn_implementation (sdpa is its fastest built-in)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     args = parser.parse_args(argv)
     device = setup(args)
@@ -136,8 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.sizes = args.sizes or (["base"] if device.type == "cuda" else ["tiny", "small"])
     args.batch = args.batch or (32 if device.type == "cuda" else 2)
     rows = [measure(size, mode, args, device) for size in args.sizes for mode in args.modes]
-    columns = ["size", "mode", "input", "batch", "dtype", "ours_ms", "hf_ms", "speedup", "speedup_cpu_time",
-               "ours_clips_s", "hf_clips_s"]
+    columns = ["size", "mode", "input", "batch", "dtype", "ours_ms", "hf_ms", "speedup",
+               "speedup_cpu_time", "ours_clips_s", "hf_clips_s"]
     return finish("vs_hf", args, machine_info(device), rows, columns)
 
 

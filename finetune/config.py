@@ -1,7 +1,8 @@
 """Typed configs of the recognition stage: ``FinetuneConfig``, ``ProbeConfig``, ``ExtractConfig``.
 
 Sections reuse the shared ones: ``model`` (models.ModelConfig), ``data``
-(data_tools.loader.DataConfig), ``optim`` / ``engine`` / ``checkpoint`` (runtime.engine).
+(data_tools.config.DataConfig), ``optim`` (runtime.optim), ``engine`` (runtime.engine),
+``checkpoint`` (runtime.checkpoint).
 Load with ``runtime.config.parse_config(FinetuneConfig, argv)``.
 """
 from __future__ import annotations
@@ -10,9 +11,12 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from data_tools.loader import DataConfig, resolve_shards
+from data_tools.config import DataConfig
+from data_tools.loader import resolve_shards
 from models import ModelConfig
-from runtime.engine import CheckpointConfig, EngineConfig, OptimConfig
+from runtime.checkpoint import CheckpointConfig
+from runtime.engine import EngineConfig
+from runtime.optim import OptimConfig
 from runtime.training import check_model_matches_data
 
 log = logging.getLogger(__name__)
@@ -125,7 +129,7 @@ class FinetuneConfig:
     pretrained: str = field(default="", metadata={
         "help": "encoder weights: this project's encoder.safetensors, a pretraining run or "
                 "checkpoint folder, an official VideoMAE / V2 .pth or an HF directory "
-                "('' = random init); converted to model.attention as models.convert documents"})
+                "('' = random init); converted to model.attention as models.loading documents"})
     head_init_scale: float = field(default=0.001, metadata={
         "help": "the fresh head starts as trunc_normal(std .02) x this (VideoMAE's init_scale "
                 "0.001, meant for pretrained encoders; 1.0 shortens the initial plateau of "

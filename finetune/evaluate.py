@@ -92,7 +92,8 @@ class ViewAggregator:
                 self._counts.append(1)
                 continue
             if self._labels[slot] != label:
-                raise ValueError(f"video {key!r} has views with labels {self._labels[slot]} and {label}")
+                raise ValueError(
+                    f"video {key!r} has views with labels {self._labels[slot]} and {label}")
             self._sums[slot] += prob
             self._counts[slot] += 1
 

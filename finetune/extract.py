@@ -29,8 +29,9 @@ import webdataset as wds
 from safetensors import safe_open
 from torch import nn
 
+from data_tools.config import DataConfig
 from data_tools.decode import DecodeError, open_video
-from data_tools.loader import VIDEO_EXTENSIONS, DataConfig, build_loader, resolve_shards
+from data_tools.loader import VIDEO_EXTENSIONS, build_loader, resolve_shards
 from finetune.config import ExtractConfig, eval_data_config
 from finetune.detection.features import sliding_window_features
 from finetune.train import build_model

@@ -36,9 +36,9 @@ from finetune.extract import (FeatureSet, default_device, extract_split, load_fe
 from finetune.train import broadcast_metrics, build_model, resolve_weights
 from runtime.config import parse_config, save_resolved_config, to_dict
 from runtime.dist import get_rank, init_distributed
-from runtime.engine import WarmupCosine, param_groups
 from runtime.io import atomic_write_text
 from runtime.logging import RunLogger, setup_logging
+from runtime.optim import WarmupCosine, param_groups
 from runtime.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,8 @@ def cached_features(encoder: nn.Module, cfg: ProbeConfig, split: str, shards: st
 # Probe training on cached features
 
 
-def _batches(features: FeatureSet, batch_size: int) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+def _batches(features: FeatureSet,
+             batch_size: int) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
     for start in range(0, len(features), batch_size):
         end = start + batch_size
         yield features.keys[start:end], features.labels[start:end], features.features[start:end]
@@ -146,7 +147,8 @@ def train_probe(head: nn.Module, train: FeatureSet, cfg: ProbeHeadConfig, device
     schedule = WarmupCosine(cfg.lr, cfg.min_lr, round(cfg.warmup_epochs * steps_per_epoch),
                             cfg.epochs * steps_per_epoch)
     head = head.to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(0.9, 0.999))
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(seed)
     step = 0

@@ -1,13 +1,13 @@
 """Supervised fine-tuning of a video ViT for recognition, on DeepSpeed.
 
 ``run(cfg)`` runs one rank: a pretrained encoder (converted to ``model.attention`` and the
-clip size by ``models.convert``) gets a fresh classification head and is trained with
+clip size by ``models.loading``) gets a fresh classification head and is trained with
 VideoMAE's recipe - AdamW (0.9, 0.999), layer-wise lr decay, warm-up + cosine, drop path,
 mixup / cutmix with label smoothing (soft-target cross-entropy), optional weight EMA - by the
-same ``runtime.engine`` code as pretraining (checkpoints, exact resume, non-finite losses).
-Validation runs every ``val.every_epochs`` epochs on one centred view; the final test scores
-``num_test_clips x num_test_crops`` views per video and writes ``eval/`` (metrics.json,
-predictions.csv, confusion_matrix.png).
+same ``runtime.engine`` / ``runtime.checkpoint`` code as pretraining (checkpoints, exact resume,
+non-finite losses). Validation runs every ``val.every_epochs`` epochs on one centred view; the
+final test scores ``num_test_clips x num_test_crops`` views per video and writes ``eval/``
+(metrics.json, predictions.csv, confusion_matrix.png).
 """
 from __future__ import annotations
 
@@ -26,13 +26,15 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from data_tools.loader import DataConfig, build_loader, resolve_shards
+from data_tools.config import DataConfig
+from data_tools.loader import build_loader, resolve_shards
 from finetune.config import FinetuneConfig, MixupConfig, eval_data_config
 from finetune.evaluate import EvalResult, evaluate
 from models import ModelConfig, VideoViT, build_encoder, load_encoder_weights
-from models.convert import config_metadata
+from models.checkpoint import config_metadata
+from runtime.checkpoint import DataPosition
 from runtime.dist import get_world_size, init_distributed, is_initialized
-from runtime.engine import DataPosition, TrainEngine, create_engine
+from runtime.engine import TrainEngine, create_engine
 from runtime.io import atomic_save_safetensors, atomic_write_text
 from runtime.logging import RunLogger, progress
 from runtime.seed import seed_everything
@@ -85,7 +87,7 @@ def build_model(cfg: ModelConfig, weights: str, strict: bool = True, seed: int =
                 head_init_scale: float | None = None) -> VideoViT:
     """``VideoViT(cfg)`` initialised with ``seed`` (identical on every rank), then loaded
     from ``weights`` when given. A checkpoint of another attention type, frame count or
-    resolution is converted as ``models.convert`` documents, or rejected with the list of
+    resolution is converted as ``models.loading`` documents, or rejected with the list of
     what does not fit. ``head_init_scale`` re-draws the head before loading (a checkpoint
     with a head of the same shape still replaces it)."""
     torch.manual_seed(seed)
@@ -117,15 +119,17 @@ class VideoMixup:
                            switch_prob=cfg.switch_prob, mode=cfg.mode,
                            label_smoothing=cfg.label_smoothing, num_classes=num_classes)
 
-    def __call__(self, video: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, video: torch.Tensor,
+                 label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """video ``(B, C, T, H, W)``, label ``(B,)`` -> mixed video, soft targets ``(B, K)``."""
         folded = video.contiguous().flatten(1, 2)  # (B, C*T, H, W), a view: mixed in place
         mixed, target = self.mixup(folded, label)
         return mixed.view_as(video), target
 
 
-def build_criterion(cfg: MixupConfig, num_classes: int
-                    ) -> tuple[VideoMixup | None, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def build_criterion(
+        cfg: MixupConfig, num_classes: int,
+) -> tuple[VideoMixup | None, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """Mixup (or None) and the loss: soft-target cross-entropy after mixup, else
     cross-entropy with label smoothing."""
     if cfg.active:
@@ -208,7 +212,8 @@ def run(cfg: FinetuneConfig) -> dict:
     def validate(epoch: int) -> None:
         result = evaluate_split(engine.module, cfg.data, cfg.val.shards, "eval", cfg, engine,
                                 num_classes, class_names, env.rank, env.world_size)
-        scalars = {k: v for k, v in result.metrics.items() if k in ("top1", "top5", "mean_class_acc")}
+        scalars = {k: v for k, v in result.metrics.items()
+                   if k in ("top1", "top5", "mean_class_acc")}
         if ema is not None:
             ema_result = evaluate_split(ema.module, cfg.data, cfg.val.shards, "eval", cfg, engine,
                                         num_classes, class_names, env.rank, env.world_size)

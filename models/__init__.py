@@ -1,20 +1,10 @@
 """Video ViT encoders (joint / divided / space-only / mixing attention), the VideoMAE
-pretraining model, and checkpoint conversion (official VideoMAE / V2, HF transformers, timm)."""
+pretraining model, and checkpoint loading (official VideoMAE / V2, HF transformers, timm)."""
+from .checkpoint import encoder_state_dict
 from .config import ModelConfig
+from .loading import load_encoder_weights, load_pretrain_weights
 from .videomae import VideoMAEPretrain, build_pretrain_model
 from .vit import MODEL_REGISTRY, VideoViT, build_encoder, create_model
-
-_CONVERT_EXPORTS = ("encoder_state_dict", "load_encoder_weights", "load_pretrain_weights")
-
-
-def __getattr__(name: str):
-    # models.convert is imported on first use, so `python -m models.convert` runs it only once
-    if name in _CONVERT_EXPORTS:
-        from . import convert
-
-        return getattr(convert, name)
-    raise AttributeError(f"module 'models' has no attribute {name!r}")
-
 
 __all__ = [
     "MODEL_REGISTRY",
@@ -24,5 +14,7 @@ __all__ = [
     "build_encoder",
     "build_pretrain_model",
     "create_model",
-    *_CONVERT_EXPORTS,
+    "encoder_state_dict",
+    "load_encoder_weights",
+    "load_pretrain_weights",
 ]

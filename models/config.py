@@ -43,15 +43,18 @@ SIZES: dict[str, SizePreset] = {
 @dataclass
 class ModelConfig:
     size: str = field(default="base", metadata=help_text(
-        f"preset for the widths below: {'|'.join(SIZES)} or custom (then set embed_dim/depth/num_heads)"))
+        f"preset for the widths below: {'|'.join(SIZES)} or custom (then set "
+        "embed_dim/depth/num_heads)"))
     embed_dim: int = field(default=0, metadata=help_text("encoder width (0 = from size)"))
     depth: int = field(default=0, metadata=help_text("encoder blocks (0 = from size)"))
     num_heads: int = field(default=0, metadata=help_text("encoder attention heads (0 = from size)"))
-    mlp_ratio: float = field(default=0.0, metadata=help_text("MLP hidden width / width (0 = from size)"))
+    mlp_ratio: float = field(default=0.0,
+                             metadata=help_text("MLP hidden width / width (0 = from size)"))
     img_size: int = field(default=224, metadata=help_text("input height and width in pixels"))
     patch_size: int = field(default=16, metadata=help_text("spatial patch size in pixels"))
     num_frames: int = field(default=16, metadata=help_text("input frames per clip"))
-    tubelet_size: int = field(default=2, metadata=help_text("frames per tubelet (temporal patch size)"))
+    tubelet_size: int = field(default=2,
+                              metadata=help_text("frames per tubelet (temporal patch size)"))
     in_chans: int = field(default=3, metadata=help_text("input channels"))
     attention: str = field(default="joint", metadata=help_text(
         "joint (VideoMAE space-time) | divided (TimeSformer temporal then spatial) | "
@@ -63,11 +66,15 @@ class ModelConfig:
         "token grid [T', H', W'] the fixed position table was trained at; the table is built "
         "there and resized per time slice and spatial grid to this model's grid "
         "(empty = this model's grid, as the official code does)"))
-    drop_path_rate: float = field(default=0.0, metadata=help_text("stochastic depth rate of the last block"))
-    layer_scale_init: float = field(default=0.0, metadata=help_text("layer scale init value (0 = off)"))
-    grad_checkpointing: bool = field(default=False, metadata=help_text("recompute each block in backward"))
+    drop_path_rate: float = field(default=0.0,
+                                  metadata=help_text("stochastic depth rate of the last block"))
+    layer_scale_init: float = field(default=0.0,
+                                    metadata=help_text("layer scale init value (0 = off)"))
+    grad_checkpointing: bool = field(default=False,
+                                     metadata=help_text("recompute each block in backward"))
     num_classes: int = field(default=0, metadata=help_text("classification classes (0 = no head)"))
-    head_drop_rate: float = field(default=0.0, metadata=help_text("dropout before the classification head"))
+    head_drop_rate: float = field(default=0.0,
+                                  metadata=help_text("dropout before the classification head"))
     final_norm: str = field(default="auto", metadata=help_text(
         "where the last LayerNorm sits: norm (on every token) | fc_norm (after mean pooling) | "
         "auto (fc_norm with a head, norm without: the official fine-tuning / pretraining layouts)"))
@@ -137,7 +144,8 @@ class ModelConfig:
                                      ("norm_target", self.norm_target, NORM_TARGETS),
                                      ("final_norm", self.final_norm, FINAL_NORMS)):
             if value not in choices:
-                raise ValueError(f"model.{name}={value!r} is unknown; choose one of {list(choices)}")
+                raise ValueError(
+                    f"model.{name}={value!r} is unknown; choose one of {list(choices)}")
         for name in ("img_size", "patch_size", "num_frames", "tubelet_size", "in_chans"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -150,7 +158,8 @@ class ModelConfig:
         for part, dims in (("", self.encoder_dims()), ("decoder_", self.decoder_dims())):
             if min(dims.embed_dim, dims.depth, dims.num_heads) <= 0:
                 raise ValueError(f"model.size='custom' needs positive model.{part}embed_dim, "
-                                 f"model.{part}depth and model.{part}num_heads, got {tuple(dims[:3])}")
+                                 f"model.{part}depth and model.{part}num_heads, got "
+                                 f"{tuple(dims[:3])}")
             if dims.embed_dim % dims.num_heads:
                 raise ValueError(f"model.{part}embed_dim={dims.embed_dim} is not divisible by "
                                  f"model.{part}num_heads={dims.num_heads}")

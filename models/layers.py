@@ -29,7 +29,8 @@ def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
     return x.reshape(b, (t // tubelet) * (h // patch) * (w // patch), tubelet * patch * patch * c)
 
 
-def unpatchify(patches: torch.Tensor, grid: tuple[int, int, int], tubelet: int, patch: int) -> torch.Tensor:
+def unpatchify(patches: torch.Tensor, grid: tuple[int, int, int], tubelet: int,
+               patch: int) -> torch.Tensor:
     """Inverse of :func:`patchify`: ``(B, N, P)`` -> ``(B, C, T, H, W)``."""
     b, n, p = patches.shape
     t, h, w = grid
@@ -39,7 +40,8 @@ def unpatchify(patches: torch.Tensor, grid: tuple[int, int, int], tubelet: int, 
 
 
 class TubeletEmbed(nn.Module):
-    """Conv3d with kernel = stride = ``(tubelet, patch, patch)``: ``(B, C, T, H, W) -> (B, N, D)``."""
+    """Conv3d with kernel = stride = ``(tubelet, patch, patch)``:
+    ``(B, C, T, H, W) -> (B, N, D)``."""
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int, tubelet_size: int):
         super().__init__()
@@ -78,7 +80,8 @@ class Attention(nn.Module):
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias)
-        return qkv.reshape(x.shape[0], x.shape[1], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(x.shape[0], x.shape[1], 3, self.num_heads, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``(B, heads, L, head_dim)`` each -> projected output ``(B, L, D)``."""
@@ -114,7 +117,8 @@ class Block(nn.Module):
                  init_values: float = 0.0, attention: str = "joint"):
         super().__init__()
         if attention not in ("joint", "space_only", "mixing"):
-            raise ValueError(f"Block attention must be joint, space_only or mixing, got {attention!r}")
+            raise ValueError(
+                f"Block attention must be joint, space_only or mixing, got {attention!r}")
         self.attention = attention
         self.norm1 = layer_norm(dim)
         self.attn = Attention(dim, num_heads)
@@ -143,7 +147,8 @@ class Block(nn.Module):
         return x if gamma is None else x * gamma
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        x = x + self.drop_path(self._scale(self.token_attention(self.norm1(x), num_frames), self.gamma_1))
+        x = x + self.drop_path(
+            self._scale(self.token_attention(self.norm1(x), num_frames), self.gamma_1))
         return x + self.drop_path(self._scale(self.mlp(self.norm2(x)), self.gamma_2))
 
 
@@ -169,7 +174,8 @@ class DividedBlock(Block):
         b, n, d = x.shape
         s = n // num_frames
         per_position = x.reshape(b, num_frames, s, d).transpose(1, 2).reshape(b * s, num_frames, d)
-        res = self.temporal_fc(self.drop_path(self.temporal_attn(self.temporal_norm1(per_position))))
+        res = self.temporal_fc(
+            self.drop_path(self.temporal_attn(self.temporal_norm1(per_position))))
         x = x + res.reshape(b, s, num_frames, d).transpose(1, 2).reshape(b, n, d)
         return super().forward(x, num_frames)
 

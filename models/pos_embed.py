@@ -42,11 +42,13 @@ def sincos_spatial_table(height: int, width: int, dim: int) -> torch.Tensor:
     if dim % 2:
         raise ValueError(f"separable_sincos needs an even width, got {dim}")
     hh, ww = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    table = torch.cat([sinusoid_table(hh.flatten(), dim // 2), sinusoid_table(ww.flatten(), dim // 2)], dim=1)
+    table = torch.cat(
+        [sinusoid_table(hh.flatten(), dim // 2), sinusoid_table(ww.flatten(), dim // 2)], dim=1)
     return table[None]
 
 
-def resize_spatial(table: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
+def resize_spatial(table: torch.Tensor, src_hw: tuple[int, int],
+                   dst_hw: tuple[int, int]) -> torch.Tensor:
     """``(B, H0*W0, D)`` -> ``(B, H*W, D)``, bicubic over the spatial grid (antialiased, as
     timm's ``resample_abs_pos_embed``, which only takes one table at a time)."""
     if tuple(src_hw) == tuple(dst_hw):
@@ -55,7 +57,8 @@ def resize_spatial(table: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[i
     if num != src_hw[0] * src_hw[1]:
         raise ValueError(f"spatial table has {num} positions, not {src_hw[0]}x{src_hw[1]}")
     image = table.float().reshape(batch, src_hw[0], src_hw[1], dim).permute(0, 3, 1, 2)
-    image = F.interpolate(image, size=tuple(dst_hw), mode="bicubic", align_corners=False, antialias=True)
+    image = F.interpolate(image, size=tuple(dst_hw), mode="bicubic", align_corners=False,
+                          antialias=True)
     return image.permute(0, 2, 3, 1).reshape(batch, -1, dim).to(table.dtype)
 
 
@@ -65,7 +68,8 @@ def resize_temporal(table: torch.Tensor, src_t: int, dst_t: int) -> torch.Tensor
         return table
     if table.shape[1] != src_t:
         raise ValueError(f"temporal table has {table.shape[1]} rows, expected {src_t}")
-    out = F.interpolate(table.transpose(1, 2).float(), size=dst_t, mode="linear", align_corners=False)
+    out = F.interpolate(table.transpose(1, 2).float(), size=dst_t, mode="linear",
+                        align_corners=False)
     return out.transpose(1, 2).to(table.dtype)
 
 
@@ -105,7 +109,8 @@ class PositionEmbedding(nn.Module):
         src = tuple(source_grid) if source_grid else self.grid
         t, h, w = self.grid
         if kind == "sincos_1d":
-            table = resize_full_table(sincos_1d_table(src[0] * src[1] * src[2], dim), src, self.grid)
+            table = resize_full_table(sincos_1d_table(src[0] * src[1] * src[2], dim),
+                                      src, self.grid)
             self.register_buffer("table", table, persistent=False)
         elif kind == "separable_sincos":
             spatial = resize_spatial(sincos_spatial_table(src[1], src[2], dim), src[1:], (h, w))

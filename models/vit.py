@@ -24,7 +24,8 @@ def init_transformer_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, num_frames: int, use_checkpoint: bool) -> torch.Tensor:
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, num_frames: int,
+               use_checkpoint: bool) -> torch.Tensor:
     for block in blocks:
         if use_checkpoint and torch.is_grad_enabled():
             x = checkpoint(block, x, num_frames, use_reentrant=False)
@@ -61,8 +62,10 @@ class VideoViT(nn.Module):
         self.grid = cfg.grid
         self.grad_checkpointing = cfg.grad_checkpointing
 
-        self.patch_embed = TubeletEmbed(cfg.in_chans, dims.embed_dim, cfg.patch_size, cfg.tubelet_size)
-        self.pos_embed = PositionEmbedding(cfg.pos_embed, cfg.grid, dims.embed_dim, cfg.pos_embed_grid or None)
+        self.patch_embed = TubeletEmbed(cfg.in_chans, dims.embed_dim, cfg.patch_size,
+                                        cfg.tubelet_size)
+        self.pos_embed = PositionEmbedding(cfg.pos_embed, cfg.grid, dims.embed_dim,
+                                           cfg.pos_embed_grid or None)
         drop_path = torch.linspace(0, cfg.drop_path_rate, dims.depth).tolist()
         self.blocks = nn.ModuleList(
             build_block(cfg.attention, dims.embed_dim, dims.num_heads, dims.mlp_ratio, drop_path[i],
@@ -89,8 +92,9 @@ class VideoViT(nn.Module):
         cfg = self.cfg
         expected = (cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
         if video.ndim != 5 or tuple(video.shape[1:]) != expected:
-            raise ValueError(f"expected video (B, C, T, H, W) = (B, {', '.join(map(str, expected))}) "
-                             f"for this model config, got {tuple(video.shape)}")
+            raise ValueError("expected video (B, C, T, H, W) = (B, "
+                             f"{', '.join(map(str, expected))}) for this model config, got "
+                             f"{tuple(video.shape)}")
 
     def visible_index(self, mask: torch.Tensor) -> torch.Tensor:
         """Boolean mask ``(B, N)`` (True = hidden) -> indices of visible tokens ``(B, N_visible)``
@@ -102,7 +106,8 @@ class VideoViT(nn.Module):
         forward passes copy the indices over with :func:`index_to_device`."""
         n = self.cfg.num_tokens
         if mask.dtype != torch.bool or mask.ndim != 2 or mask.shape[1] != n:
-            raise ValueError(f"mask must be a bool tensor (B, {n}), got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must be a bool tensor (B, {n}), got {mask.dtype} {tuple(mask.shape)}")
         visible = ~mask
         counts = visible.sum(1)
         if (counts != counts[0]).any():
@@ -144,14 +149,16 @@ class VideoViT(nn.Module):
                 raise ValueError("return_grid=True needs every token: call it without a mask")
             cfg = self.cfg
             visible_index = index_to_device(self.visible_index(mask), x.device)
-            tokens = self.embed_visible(patchify(x, cfg.tubelet_size, cfg.patch_size), visible_index)
+            tokens = self.embed_visible(patchify(x, cfg.tubelet_size, cfg.patch_size),
+                                        visible_index)
         tokens = self.forward_tokens(tokens)
         if return_grid:
             return tokens.transpose(1, 2).reshape(tokens.shape[0], self.embed_dim, *self.grid)
         return tokens
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``(B, N, D)`` -> mean pool -> ``fc_norm`` -> dropout -> ``head``: ``(B, num_classes)``."""
+        """``(B, N, D)`` -> mean pool -> ``fc_norm`` -> dropout -> ``head``:
+        ``(B, num_classes)``."""
         x = self.head_drop(self.fc_norm(tokens.mean(1)))
         return x if pre_logits else self.head(x)
 

@@ -1,16 +1,19 @@
 """``PretrainConfig``: everything one pretraining run reads, as one typed tree.
 
-Sections: ``model`` (models.ModelConfig), ``data`` (data_tools.loader.DataConfig), ``optim``,
-``engine``, ``checkpoint`` (runtime.engine), ``log`` (below); plus ``out_dir``, ``seed`` and
-``max_steps``. Load with ``runtime.config.parse_config(PretrainConfig, argv)``.
+Sections: ``model`` (models.ModelConfig), ``data`` (data_tools.config.DataConfig), ``optim``
+(runtime.optim), ``engine`` (runtime.engine), ``checkpoint`` (runtime.checkpoint), ``log``
+(below); plus ``out_dir``, ``seed`` and ``max_steps``. Load with
+``runtime.config.parse_config(PretrainConfig, argv)``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data_tools.loader import DataConfig
+from data_tools.config import DataConfig
 from models import ModelConfig
-from runtime.engine import CheckpointConfig, EngineConfig, OptimConfig
+from runtime.checkpoint import CheckpointConfig
+from runtime.engine import EngineConfig
+from runtime.optim import OptimConfig
 from runtime.training import check_model_matches_data
 
 
@@ -59,13 +62,15 @@ class PretrainConfig:
             raise ValueError("model.pixel_mean/pixel_std must equal data.mean/std (the target "
                              "undoes the input normalisation)")
         if data.mask_type == "none":
-            raise ValueError("pretraining needs an encoder mask: data.mask_type must be tube or random")
+            raise ValueError(
+                "pretraining needs an encoder mask: data.mask_type must be tube or random")
         uses_decoder_mask = data.decoder_mask_type != "none"
         if uses_decoder_mask != (model.decoder_mask_ratio > 0) or (
                 uses_decoder_mask and model.decoder_mask_ratio != data.decoder_mask_ratio):
-            raise ValueError("decoder masking is set inconsistently: use data.decoder_mask_type="
-                             "running_cell with model.decoder_mask_ratio == data.decoder_mask_ratio, "
-                             "or data.decoder_mask_type=none with model.decoder_mask_ratio=0")
+            raise ValueError("decoder masking is set inconsistently: use "
+                             "data.decoder_mask_type=running_cell with model.decoder_mask_ratio == "
+                             "data.decoder_mask_ratio, or data.decoder_mask_type=none with "
+                             "model.decoder_mask_ratio=0")
         if model.num_classes:
             raise ValueError("model.num_classes must be 0 for pretraining")
         if self.max_steps < 0:

@@ -67,7 +67,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for section {tp.__name__}, got {value!r}")
+            raise ConfigError(
+                f"{where}: expected a mapping for section {tp.__name__}, got {value!r}")
         return _merge(tp(), value, where)
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
         if isinstance(value, str):
@@ -78,7 +79,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(v, a, f"{where}[{i}]")
+                         for i, (v, a) in enumerate(zip(value, args)))
         elem = args[0] if args else Any
         items = [_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple or tp is tuple else items
@@ -189,7 +191,8 @@ def load_yaml(path: str | Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path}: top level must be a mapping, got {type(data).__name__}")
     return data
 
 

@@ -20,11 +20,12 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.distributed as torch_dist
 
-from data_tools.loader import DataConfig, VideoLoader, build_loader, resolve_shards
+from data_tools.config import DataConfig
+from data_tools.loader import VideoLoader, build_loader, resolve_shards
+from runtime.checkpoint import CheckpointConfig, CheckpointManager, DataPosition, segment_seed
 from runtime.config import save_resolved_config
 from runtime.dist import is_initialized
-from runtime.engine import (CheckpointConfig, CheckpointManager, DataPosition, TrainEngine,
-                            segment_seed)
+from runtime.engine import TrainEngine
 
 
 def check_model_matches_data(model: Any, data: DataConfig) -> None:

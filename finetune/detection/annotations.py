@@ -48,14 +48,16 @@ class LabelMap:
         return len(self.action_ids)
 
     def __post_init__(self):
-        object.__setattr__(self, "_index", {action_id: i for i, action_id in enumerate(self.action_ids)})
+        object.__setattr__(self, "_index",
+                           {action_id: i for i, action_id in enumerate(self.action_ids)})
 
     def index(self, action_id: int) -> int | None:
         """Class index of a dataset action id, or None when the map does not list it."""
         return self._index.get(action_id)
 
     def to_pbtxt(self) -> str:
-        return "".join(f'item {{\n  name: "{name}"\n  id: {i}\n}}\n' for i, name in zip(self.action_ids, self.names))
+        return "".join(f'item {{\n  name: "{name}"\n  id: {i}\n}}\n'
+                       for i, name in zip(self.action_ids, self.names))
 
 
 @dataclass
@@ -116,8 +118,11 @@ def read_ava_annotations(
             if unknown_actions == "skip":
                 actors.setdefault(key, {})
                 continue
-            raise AnnotationError(where, f"action id {action_id} is not in the label map ({len(label_map.action_ids)} ids)")
-        actor = _integer(row[7], where, "person_id") if len(row) == 8 and row[7] != "" else tuple(box)
+            raise AnnotationError(where,
+                                  f"action id {action_id} is not in the label map "
+                                  f"({len(label_map.action_ids)} ids)")
+        has_id = len(row) == 8 and row[7] != ""
+        actor = _integer(row[7], where, "person_id") if has_id else tuple(box)
         _, classes = actors.setdefault(key, {}).setdefault(actor, (box, set()))
         classes.add(cls)
     out = {}
@@ -125,7 +130,8 @@ def read_ava_annotations(
         labels = torch.zeros(len(by_actor), label_map.num_classes, dtype=torch.bool)
         for i, (_, classes) in enumerate(by_actor.values()):
             labels[i, sorted(classes)] = True
-        boxes = torch.tensor([box for box, _ in by_actor.values()], dtype=torch.float32).reshape(-1, 4)
+        boxes = torch.tensor([box for box, _ in by_actor.values()],
+                             dtype=torch.float32).reshape(-1, 4)
         out[key] = FrameAnnotation(boxes, labels)
     return out
 
@@ -153,14 +159,15 @@ def write_ava_csv(path: str | Path, rows: Sequence[Sequence[object]]) -> None:
     atomic_write_text(Path(path), "".join(",".join(cell(v) for v in row) + "\n" for row in rows))
 
 
-def read_segments_csv(path: str | Path, class_names: Sequence[str]) -> dict[str, tuple[Tensor, Tensor]]:
+def read_segments_csv(path: str | Path,
+                      class_names: Sequence[str]) -> dict[str, tuple[Tensor, Tensor]]:
     """Segments CSV -> video -> ``(segments (M, 2) seconds, labels (M,))``."""
     rows: dict[str, tuple[list[list[float]], list[int]]] = {}
     for where, row in _csv_rows(path, min_fields=4, max_fields=4):
         segments, labels = rows.setdefault(row[0], ([], []))
         segments.append(_segment(row[1], row[2], where))
         labels.append(_class_index(row[3], class_names, where))
-    return {video: _segment_tensors(s, l) for video, (s, l) in rows.items()}
+    return {video: _segment_tensors(s, lab) for video, (s, lab) in rows.items()}
 
 
 def parse_segments(
@@ -171,7 +178,9 @@ def parse_segments(
     ``label`` is a class name or index; ``where`` names the shard and key for errors.
     """
     if not isinstance(raw, list):
-        raise AnnotationError(where, f"`segments` must be a list of [start_s, end_s, label], got {type(raw).__name__}")
+        raise AnnotationError(where,
+                              "`segments` must be a list of [start_s, end_s, label], got "
+                              f"{type(raw).__name__}")
     segments, labels = [], []
     for i, entry in enumerate(raw):
         at = f"{where}: segments[{i}]"
@@ -179,14 +188,16 @@ def parse_segments(
             raise AnnotationError(at, f"expected [start_s, end_s, label], got {entry!r}")
         segment = _segment(entry[0], entry[1], at)
         if duration is not None and segment[1] > duration + 1e-3:
-            raise AnnotationError(at, f"segment ends at {segment[1]} s after the video's duration {duration} s")
+            raise AnnotationError(
+                at, f"segment ends at {segment[1]} s after the video's duration {duration} s")
         segments.append(segment)
         labels.append(_class_index(entry[2], class_names, at))
     return _segment_tensors(segments, labels)
 
 
 def _csv_rows(path: str | Path, min_fields: int, max_fields: int):
-    """Yield ``(where, fields)`` for non-empty lines, skipping a header starting with ``video_id``."""
+    """Yield ``(where, fields)`` for non-empty lines, skipping a header starting with
+    ``video_id``."""
     with open(path, newline="") as f:
         for line_no, row in enumerate(csv.reader(f), start=1):
             if not row or all(not cell.strip() for cell in row):
@@ -196,8 +207,10 @@ def _csv_rows(path: str | Path, min_fields: int, max_fields: int):
             if line_no == 1 and row[0] == "video_id":
                 continue
             if not min_fields <= len(row) <= max_fields:
-                expected = str(min_fields) if min_fields == max_fields else f"{min_fields}-{max_fields}"
-                raise AnnotationError(where, f"expected {expected} comma-separated fields, got {len(row)}: {','.join(row)}")
+                expected = (str(min_fields) if min_fields == max_fields
+                            else f"{min_fields}-{max_fields}")
+                raise AnnotationError(where, f"expected {expected} comma-separated fields, got "
+                                             f"{len(row)}: {','.join(row)}")
             yield where, row
 
 
@@ -221,7 +234,8 @@ def _integer(text: str, where: str, what: str) -> int:
 def _box(fields: Sequence[str], where: str) -> list[float]:
     x1, y1, x2, y2 = (_number(v, where, name) for v, name in zip(fields, ("x1", "y1", "x2", "y2")))
     if not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)):
-        raise AnnotationError(where, f"box {x1, y1, x2, y2} is outside [0, 1] (boxes must be normalised x1,y1,x2,y2)")
+        raise AnnotationError(
+            where, f"box {x1, y1, x2, y2} is outside [0, 1] (boxes must be normalised x1,y1,x2,y2)")
     if not (x1 < x2 and y1 < y2):
         raise AnnotationError(where, f"box {x1, y1, x2, y2} is empty: need x1 < x2 and y1 < y2")
     return [x1, y1, x2, y2]
@@ -232,7 +246,8 @@ def _segment(start: object, end: object, where: str) -> list[float]:
     if start_s < 0:
         raise AnnotationError(where, f"segment starts before 0: start_s={start_s}")
     if end_s <= start_s:
-        raise AnnotationError(where, f"segment ends before it starts: start_s={start_s}, end_s={end_s}")
+        raise AnnotationError(where,
+                              f"segment ends before it starts: start_s={start_s}, end_s={end_s}")
     return [start_s, end_s]
 
 
@@ -247,4 +262,5 @@ def _class_index(label: object, class_names: Sequence[str], where: str) -> int:
 
 
 def _segment_tensors(segments: list[list[float]], labels: list[int]) -> tuple[Tensor, Tensor]:
-    return torch.tensor(segments, dtype=torch.float32).reshape(-1, 2), torch.tensor(labels, dtype=torch.long)
+    return (torch.tensor(segments, dtype=torch.float32).reshape(-1, 2),
+            torch.tensor(labels, dtype=torch.long))

@@ -94,7 +94,8 @@ def frame_average_precision(
         gt_boxes, gt_labels = ground_truth.get(frame, (empty_boxes, empty_labels))
         for cls in torch.unique(labels).tolist():
             keep = labels == cls
-            is_tp = match_frame(boxes[keep], scores[keep], gt_boxes[gt_labels == cls], iou_threshold)
+            is_tp = match_frame(boxes[keep], scores[keep], gt_boxes[gt_labels == cls],
+                                iou_threshold)
             scores_per_class[cls].append(scores[keep])
             tp_per_class[cls].append(is_tp)
 
@@ -103,7 +104,8 @@ def frame_average_precision(
         if num_gt[cls] == 0:
             continue
         scores = torch.cat(scores_per_class[cls]) if scores_per_class[cls] else torch.zeros(0)
-        is_tp = torch.cat(tp_per_class[cls]) if tp_per_class[cls] else torch.zeros(0, dtype=torch.bool)
+        is_tp = (torch.cat(tp_per_class[cls]) if tp_per_class[cls]
+                 else torch.zeros(0, dtype=torch.bool))
         per_class[cls] = average_precision(scores, is_tp, int(num_gt[cls]))
     return FrameAPResult(per_class=per_class, mean=nanmean(per_class), iou_threshold=iou_threshold)
 

@@ -33,27 +33,39 @@ from runtime.config import help_text
 
 @dataclass
 class AVADataConfig:
-    train_shards: str = field(default="", metadata=help_text("training shard set (manifest.json, folder or pattern)"))
+    train_shards: str = field(
+        default="", metadata=help_text("training shard set (manifest.json, folder or pattern)"))
     val_shards: str = field(default="", metadata=help_text("validation shard set"))
     train_annotations: str = field(default="", metadata=help_text(
         "ground-truth CSV video_id,timestamp,x1,y1,x2,y2,action_id,person_id (training)"))
-    val_annotations: str = field(default="", metadata=help_text("ground-truth CSV of the validation keyframes"))
-    label_map: str = field(default="", metadata=help_text("AVA label map .pbtxt: the evaluated actions"))
+    val_annotations: str = field(default="",
+                                 metadata=help_text("ground-truth CSV of the validation keyframes"))
+    label_map: str = field(default="",
+                           metadata=help_text("AVA label map .pbtxt: the evaluated actions"))
     val_proposals: str = field(default="", metadata=help_text(
-        "person proposals CSV video_id,timestamp,x1,y1,x2,y2,score for testing ('' = ground-truth boxes)"))
-    proposal_threshold: float = field(default=0.8, metadata=help_text("keep proposals with score >= this"))
+        "person proposals CSV video_id,timestamp,x1,y1,x2,y2,score for testing ('' = ground-truth "
+        "boxes)"))
+    proposal_threshold: float = field(default=0.8,
+                                      metadata=help_text("keep proposals with score >= this"))
     unknown_actions: str = field(default="error", metadata=help_text(
-        "action ids missing from the label map: 'error' or 'skip' (AVA's 80-class files with the 60-class map)"))
+        "action ids missing from the label map: 'error' or 'skip' (AVA's 80-class files with the "
+        "60-class map)"))
     num_frames: int = field(default=16, metadata=help_text("frames per clip"))
     sampling_rate: int = field(default=4, metadata=help_text("frame stride within a clip"))
-    input_size: int = field(default=224, metadata=help_text("frames are resized to this height and width"))
+    input_size: int = field(default=224,
+                            metadata=help_text("frames are resized to this height and width"))
     backend: str = field(default="auto", metadata=help_text("video decoder: auto, decord or pyav"))
-    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN, metadata=help_text("normalisation mean (0-1 units)"))
-    std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata=help_text("normalisation std (0-1 units)"))
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN,
+                                             metadata=help_text("normalisation mean (0-1 units)"))
+    std: tuple[float, float, float] = field(default=IMAGENET_STD,
+                                            metadata=help_text("normalisation std (0-1 units)"))
     batch_size: int = field(default=8, metadata=help_text("keyframes per batch per rank"))
     num_workers: int = field(default=2, metadata=help_text("DataLoader workers"))
-    shuffle_buffer: int = field(default=64, metadata=help_text("shard samples held for shuffling in training"))
-    flip: bool = field(default=False, metadata=help_text("random horizontal flip in training (off for direction labels)"))
+    shuffle_buffer: int = field(default=64,
+                                metadata=help_text("shard samples held for shuffling in training"))
+    flip: bool = field(default=False,
+                       metadata=help_text(
+                           "random horizontal flip in training (off for direction labels)"))
     box_jitter: float = field(default=0.05, metadata=help_text(
         "training boxes: each side moves by up to this fraction of the box size"))
 
@@ -61,7 +73,8 @@ class AVADataConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"data.backend={self.backend!r} is not one of {list(BACKENDS)}")
         if self.unknown_actions not in ("error", "skip"):
-            raise ValueError(f"data.unknown_actions must be 'error' or 'skip', got {self.unknown_actions!r}")
+            raise ValueError(
+                f"data.unknown_actions must be 'error' or 'skip', got {self.unknown_actions!r}")
         for name in ("num_frames", "sampling_rate", "input_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
@@ -69,7 +82,8 @@ class AVADataConfig:
             raise ValueError("data.num_workers and data.box_jitter must be >= 0")
 
 
-def keyframe_indices(keyframe: int, num_frames: int, sampling_rate: int, num_video_frames: int) -> list[int]:
+def keyframe_indices(keyframe: int, num_frames: int, sampling_rate: int,
+                     num_video_frames: int) -> list[int]:
     """Frame indices of the clip centred on ``keyframe`` (clamped to the video)."""
     first = keyframe - (num_frames // 2) * sampling_rate
     return [min(max(first + i * sampling_rate, 0), num_video_frames - 1) for i in range(num_frames)]
@@ -85,7 +99,8 @@ class KeyframeClips:
 
     def __init__(self, cfg: AVADataConfig, annotations: dict[FrameKey, FrameAnnotation],
                  test_boxes: dict[FrameKey, torch.Tensor] | None, train: bool, seed: int):
-        self.cfg, self.annotations, self.test_boxes, self.train = cfg, annotations, test_boxes, train
+        self.cfg, self.annotations = cfg, annotations
+        self.test_boxes, self.train = test_boxes, train
         self.by_video: dict[str, list[float]] = {}
         for video_id, ts in annotations:
             self.by_video.setdefault(video_id, []).append(ts)
@@ -113,10 +128,12 @@ class KeyframeClips:
             for key in wanted:
                 keyframe = int(round((key[1] - start) * fps))
                 if 0 <= keyframe < reader.num_frames:
-                    clips[key] = keyframe_indices(keyframe, self.cfg.num_frames, self.cfg.sampling_rate, reader.num_frames)
+                    clips[key] = keyframe_indices(keyframe, self.cfg.num_frames,
+                                                  self.cfg.sampling_rate, reader.num_frames)
                 elif listed:  # annotations of other clips of the same video are not an error
                     raise AnnotationError(where, f"keyframe {key[1]} s is outside the clip "
-                                          f"({reader.num_frames} frames at {fps:g} fps from {start} s)")
+                                          f"({reader.num_frames} frames at {fps:g} fps from "
+                                          f"{start} s)")
             if not clips:
                 return []
             needed = sorted({i for indices in clips.values() for i in indices})
@@ -128,12 +145,14 @@ class KeyframeClips:
         out = []
         for key, indices in clips.items():
             flip = self.train and self.cfg.flip and bool(torch.rand((), generator=generator) < 0.5)
-            clip = crop_resize(frames[[row[i] for i in indices]], (0, 0, height, width), self.cfg.input_size, flip)
+            clip = crop_resize(frames[[row[i] for i in indices]], (0, 0, height, width),
+                               self.cfg.input_size, flip)
             example = {"video": normalize(clip, self.cfg.mean, self.cfg.std), "key": key}
             if self.train:
                 truth = self.annotations[key]
                 boxes = jitter_boxes(truth.boxes, self.cfg.box_jitter, generator)
-                example.update(boxes=_flip_boxes(boxes) if flip else boxes, labels=truth.labels.float())
+                example.update(boxes=_flip_boxes(boxes) if flip else boxes,
+                               labels=truth.labels.float())
             else:
                 example["boxes"] = self.test_boxes[key]
             out.append(example)
@@ -145,7 +164,8 @@ class KeyframeClips:
             return None
         if self.train:
             return key if self.annotations[key].boxes.shape[0] else None
-        return key if self.test_boxes.get(key) is not None and self.test_boxes[key].shape[0] else None
+        boxes = self.test_boxes.get(key)
+        return key if boxes is not None and boxes.shape[0] else None
 
     def _timestamps(self, meta: dict, video_id: str, where: str) -> list[float]:
         if "timestamp" in meta:
@@ -206,11 +226,14 @@ def build_keyframe_loader(
         num_keyframes = sum(1 for a in annotations.values() if a.boxes.shape[0])
         num_batches = num_keyframes // (cfg.batch_size * world_size)
         if num_batches < 1:
-            raise ValueError(f"{num_keyframes} training keyframes give no full batch of {cfg.batch_size} on {world_size} ranks")
+            raise ValueError(
+                f"{num_keyframes} training keyframes give no full batch of {cfg.batch_size} on "
+                f"{world_size} ranks")
         pipeline = wds.DataPipeline(
             wds.ResampledShards(urls, seed=seed, deterministic=True),
             wds.tarfile_to_samples(),
-            wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer // 2 + 1, rng=random.Random(seed + rank)),
+            wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer // 2 + 1,
+                        rng=random.Random(seed + rank)),
             stage,
             wds.batched(cfg.batch_size, collation_fn=collate_keyframes, partial=False),
         )
@@ -232,6 +255,7 @@ def build_keyframe_loader(
     return loader, num_batches
 
 
-def select_proposals(proposals: dict[FrameKey, tuple[torch.Tensor, torch.Tensor]], threshold: float) -> dict[FrameKey, torch.Tensor]:
+def select_proposals(proposals: dict[FrameKey, tuple[torch.Tensor, torch.Tensor]],
+                     threshold: float) -> dict[FrameKey, torch.Tensor]:
     """Proposal boxes with score >= ``threshold`` per keyframe."""
     return {key: boxes[scores >= threshold] for key, (boxes, scores) in proposals.items()}

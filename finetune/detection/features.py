@@ -16,7 +16,8 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-from data_tools.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop_box, crop_resize, normalize
+from data_tools.transforms import (IMAGENET_MEAN, IMAGENET_STD, center_crop_box, crop_resize,
+                                   normalize)
 
 
 class FrameSource(Protocol):
@@ -52,14 +53,18 @@ class FeatureGrid:
         return (seconds - self.offset_seconds) / self.step_seconds
 
     @classmethod
-    def for_video(cls, num_video_frames: int, fps: float, num_frames: int, frame_step: int, stride: int) -> "FeatureGrid":
+    def for_video(cls, num_video_frames: int, fps: float, num_frames: int, frame_step: int,
+                  stride: int) -> "FeatureGrid":
         if min(num_frames, frame_step, stride) < 1:
-            raise ValueError(f"num_frames, frame_step and stride must be >= 1, got {num_frames}, {frame_step}, {stride}")
+            raise ValueError(
+                f"num_frames, frame_step and stride must be >= 1, got {num_frames}, {frame_step}, "
+                f"{stride}")
         span = (num_frames - 1) * frame_step + 1
         num_steps = max(1, math.ceil((num_video_frames - span) / stride) + 1)
         return cls(fps=float(fps), stride=stride, span=span, num_steps=num_steps)
 
-    def window_indices(self, step: int, num_frames: int, frame_step: int, num_video_frames: int) -> list[int]:
+    def window_indices(self, step: int, num_frames: int, frame_step: int,
+                       num_video_frames: int) -> list[int]:
         start = step * self.stride
         return [min(start + i * frame_step, num_video_frames - 1) for i in range(num_frames)]
 
@@ -111,7 +116,8 @@ def sliding_window_features(
         decoded = source.get_frames(needed)
         where = {index: row for row, index in enumerate(needed)}
         box = center_crop_box(decoded.shape[1], decoded.shape[2])
-        clips = [normalize(crop_resize(decoded[[where[i] for i in w]], box, size), mean, std) for w in windows]
+        clips = [normalize(crop_resize(decoded[[where[i] for i in w]], box, size), mean, std)
+                 for w in windows]
         tokens = encoder.forward_features(torch.stack(clips).to(device))
         chunks.append(tokens.float().mean(dim=1).cpu())
     return torch.cat(chunks), grid

@@ -53,11 +53,13 @@ class RoIActionHead(nn.Module):
         height, width = fmap.shape[-2:]
         scale = fmap.new_tensor([width, height, width, height])
         rois = [b.to(fmap.dtype) * scale for b in boxes]
-        regions = roi_align(fmap, rois, output_size=self.roi_size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+        regions = roi_align(fmap, rois, output_size=self.roi_size, spatial_scale=1.0,
+                            sampling_ratio=0, aligned=True)
         return F.adaptive_max_pool2d(regions, 1).flatten(1)
 
 
-def jitter_boxes(boxes: Tensor, magnitude: float, generator: torch.Generator | None = None) -> Tensor:
+def jitter_boxes(boxes: Tensor, magnitude: float,
+                 generator: torch.Generator | None = None) -> Tensor:
     """Move each side of each box by up to ``magnitude`` x the box's width/height.
 
     Args:
@@ -77,7 +79,7 @@ def jitter_boxes(boxes: Tensor, magnitude: float, generator: torch.Generator | N
 
 class ActionDetector(nn.Module):
     """A video encoder with an actor-level head; layer ids extend the encoder's for layer decay
-    (the encoder's ``no_weight_decay()`` is found by ``runtime.engine.param_groups`` itself).
+    (the encoder's ``no_weight_decay()`` is found by ``runtime.optim.param_groups`` itself).
 
     Args:
         encoder: a ``models.VideoViT`` (any attention type) with

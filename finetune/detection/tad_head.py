@@ -50,7 +50,8 @@ class FeaturePyramid1d(nn.Module):
     def __init__(self, in_dim: int, dim: int, num_levels: int):
         super().__init__()
         self.proj = nn.ModuleList([MaskedConvBlock(in_dim, dim), MaskedConvBlock(dim, dim)])
-        self.downsample = nn.ModuleList([MaskedConvBlock(dim, dim, stride=2) for _ in range(num_levels - 1)])
+        self.downsample = nn.ModuleList(
+            [MaskedConvBlock(dim, dim, stride=2) for _ in range(num_levels - 1)])
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         for block in self.proj:
@@ -94,7 +95,8 @@ class TemporalDetectionHead(nn.Module):
         (focal-loss initialisation).
     """
 
-    def __init__(self, in_dim: int, num_classes: int, dim: int = 128, num_levels: int = 4, prior_prob: float = 0.01):
+    def __init__(self, in_dim: int, num_classes: int, dim: int = 128, num_levels: int = 4,
+                 prior_prob: float = 0.01):
         super().__init__()
         self.num_classes = num_classes
         self.num_levels = num_levels
@@ -117,7 +119,8 @@ class TemporalDetectionHead(nn.Module):
             mask: ``(B, T)`` bool, True on real (not padded) steps.
         """
         if features.shape[-1] % self.max_stride:
-            raise ValueError(f"sequence length {features.shape[-1]} must be a multiple of {self.max_stride}")
+            raise ValueError(
+                f"sequence length {features.shape[-1]} must be a multiple of {self.max_stride}")
         levels, masks = self.pyramid(features * mask[:, None, :].to(features.dtype), mask)
         outputs = []
         for level, (x, level_mask) in enumerate(zip(levels, masks)):
@@ -144,7 +147,8 @@ def regression_ranges(num_levels: int) -> list[tuple[float, float]]:
 
 
 def assign_targets(
-    segments: Tensor, labels: Tensor, num_classes: int, lengths: list[int], center_radius: float = 1.5
+    segments: Tensor, labels: Tensor, num_classes: int, lengths: list[int],
+    center_radius: float = 1.5
 ) -> list[tuple[Tensor, Tensor]]:
     """Targets of one video for every pyramid level.
 
@@ -170,9 +174,11 @@ def assign_targets(
         ) > 0
         reach = torch.maximum(left, right)
         in_range = (reach >= low) & (reach <= high)
-        seg_len = (end - start).expand(length, -1).masked_fill(~(inside_centre & in_range), math.inf)
+        seg_len = (end - start).expand(length, -1).masked_fill(~(inside_centre & in_range),
+                                                               math.inf)
         shortest, which = seg_len.min(dim=1)
-        winners = (seg_len <= shortest[:, None] + 1e-3) & torch.isfinite(seg_len)  # ties: multi-label
+        # ties: multi-label
+        winners = (seg_len <= shortest[:, None] + 1e-3) & torch.isfinite(seg_len)
         cls_targets = (winners.float() @ F.one_hot(labels, num_classes).float()).clamp(max=1)
         offsets = torch.stack([left, right], dim=-1)[torch.arange(length), which] / stride
         out.append((cls_targets, offsets * torch.isfinite(shortest)[:, None]))
@@ -198,7 +204,8 @@ def diou_loss_1d(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def detection_loss(
-    outputs: list[LevelOutputs], targets: list[list[tuple[Tensor, Tensor]]], label_smoothing: float = 0.0
+    outputs: list[LevelOutputs], targets: list[list[tuple[Tensor, Tensor]]],
+    label_smoothing: float = 0.0
 ) -> dict[str, Tensor]:
     """Focal + DIoU loss of a batch.
 
@@ -218,22 +225,28 @@ def detection_loss(
     smoothed = gt_cls[mask] * (1 - label_smoothing) + label_smoothing / (logits.shape[-1] + 1)
     cls_loss = sigmoid_focal_loss(logits[mask], smoothed, reduction="sum") / num_pos
     reg_loss = diou_loss_1d(offsets[positive], gt_offsets[positive]).sum() / num_pos
-    return {"loss": cls_loss + reg_loss, "cls_loss": cls_loss, "reg_loss": reg_loss, "num_pos": positive.sum()}
+    return {"loss": cls_loss + reg_loss, "cls_loss": cls_loss, "reg_loss": reg_loss,
+            "num_pos": positive.sum()}
 
 
 @dataclass
 class DecodeConfig:
     """Decoding and soft-NMS settings (defaults: ActionFormer's THUMOS'14 config)."""
 
-    score_threshold: float = field(default=0.001, metadata={"help": "keep (step, class) candidates above this score"})
+    score_threshold: float = field(
+        default=0.001, metadata={"help": "keep (step, class) candidates above this score"})
     top_k: int = field(default=2000, metadata={"help": "candidates per pyramid level before NMS"})
-    min_length: float = field(default=0.05, metadata={"help": "drop segments shorter than this (feature steps)"})
-    nms_sigma: float = field(default=0.5, metadata={"help": "Gaussian soft-NMS: scores decay by exp(-IoU^2 / sigma)"})
-    nms_min_score: float = field(default=0.001, metadata={"help": "soft-NMS drops segments whose score falls below this"})
+    min_length: float = field(default=0.05,
+                              metadata={"help": "drop segments shorter than this (feature steps)"})
+    nms_sigma: float = field(
+        default=0.5, metadata={"help": "Gaussian soft-NMS: scores decay by exp(-IoU^2 / sigma)"})
+    nms_min_score: float = field(
+        default=0.001, metadata={"help": "soft-NMS drops segments whose score falls below this"})
     max_segments: int = field(default=200, metadata={"help": "segments kept per video"})
 
 
-def decode(outputs: list[LevelOutputs], index: int, cfg: DecodeConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def decode(outputs: list[LevelOutputs], index: int,
+           cfg: DecodeConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Detections of video ``index`` of the batch, in feature steps.
 
     Returns:
@@ -249,7 +262,8 @@ def decode(outputs: list[LevelOutputs], index: int, cfg: DecodeConfig | None = N
         keep = keep[torch.argsort(probs[keep], descending=True)[: cfg.top_k]]
         step, label = keep // level.logits.shape[-1], keep % level.logits.shape[-1]
         centre = torch.nonzero(valid).squeeze(1)[step].to(offsets.dtype) * level.stride
-        segments = torch.stack([centre - offsets[step, 0] * level.stride, centre + offsets[step, 1] * level.stride], dim=1)
+        segments = torch.stack([centre - offsets[step, 0] * level.stride,
+                                centre + offsets[step, 1] * level.stride], dim=1)
         long_enough = segments[:, 1] - segments[:, 0] > cfg.min_length
         all_segments.append(segments[long_enough])
         all_scores.append(probs[keep][long_enough])
@@ -261,7 +275,8 @@ def decode(outputs: list[LevelOutputs], index: int, cfg: DecodeConfig | None = N
 
 
 def soft_nms(
-    segments: Tensor, scores: Tensor, labels: Tensor, sigma: float = 0.5, min_score: float = 0.001, max_segments: int = 200
+    segments: Tensor, scores: Tensor, labels: Tensor, sigma: float = 0.5, min_score: float = 0.001,
+    max_segments: int = 200
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Class-wise Gaussian soft-NMS (Bodla et al. 2017): each pick decays the scores of the
     remaining segments of its class by ``exp(-IoU^2 / sigma)``; scores below ``min_score``
@@ -281,11 +296,13 @@ def soft_nms(
             kept_labels.append(cls)
             rest = torch.arange(pool_scores.numel()) != best
             iou = segment_iou(pool_segments[best : best + 1], pool_segments[rest])[0]
-            pool_segments, pool_scores = pool_segments[rest], pool_scores[rest] * torch.exp(-(iou**2) / sigma)
+            pool_segments = pool_segments[rest]
+            pool_scores = pool_scores[rest] * torch.exp(-(iou**2) / sigma)
             alive = pool_scores >= min_score
             pool_segments, pool_scores = pool_segments[alive], pool_scores[alive]
     if not kept_scores:
         return segments.new_zeros(0, 2), scores.new_zeros(0), labels.new_zeros(0)
     out_scores = torch.stack(kept_scores)
     order = torch.argsort(out_scores, descending=True, stable=True)[:max_segments]
-    return torch.stack(kept_segments)[order], out_scores[order], torch.tensor(kept_labels, dtype=labels.dtype)[order]
+    return (torch.stack(kept_segments)[order], out_scores[order],
+            torch.tensor(kept_labels, dtype=labels.dtype)[order])

@@ -33,7 +33,8 @@ class SegmentAPResult:
 
     def as_dict(self) -> dict[str, float]:
         """Flat scalars: ``mAP@0.3`` ... ``mAP@0.7`` and ``average_mAP``."""
-        out = {f"mAP@{thr:g}": value for thr, value in zip(self.tiou_thresholds, self.mean_per_threshold)}
+        out = {f"mAP@{thr:g}": value
+               for thr, value in zip(self.tiou_thresholds, self.mean_per_threshold)}
         out["average_mAP"] = self.average
         return out
 
@@ -54,7 +55,8 @@ def match_video(segments: Tensor, gt_segments: Tensor, tiou_thresholds: Sequence
     for t, threshold in enumerate(tiou_thresholds):
         taken = [False] * gt_segments.shape[0]
         for k, row in enumerate(tiou):
-            candidates = [(iou, m) for m, iou in enumerate(row) if iou >= threshold and not taken[m]]
+            candidates = [(iou, m) for m, iou in enumerate(row)
+                          if iou >= threshold and not taken[m]]
             if candidates:
                 _, best = max(candidates, key=lambda pair: pair[0])
                 taken[best] = True
@@ -91,7 +93,8 @@ def segment_mean_average_precision(
             keep = torch.nonzero(labels == cls).squeeze(1)
             keep = keep[torch.argsort(scores[keep].double(), descending=True, stable=True)]
             scores_per_class[cls].append(scores[keep])
-            tp_per_class[cls].append(match_video(segments[keep], gt_segments[gt_labels == cls], thresholds))
+            tp_per_class[cls].append(match_video(segments[keep], gt_segments[gt_labels == cls],
+                                                 thresholds))
 
     per_class = torch.full((len(thresholds), num_classes), float("nan"), dtype=torch.float64)
     for cls in range(num_classes):
@@ -116,6 +119,8 @@ def segment_mean_average_precision(
 
 def _check(segments: Tensor, labels: Tensor, num_classes: int, what: str) -> None:
     if segments.ndim != 2 or segments.shape[-1] != 2 or segments.shape[0] != labels.shape[0]:
-        raise ValueError(f"{what}: expected segments (K, 2) and labels (K,), got {tuple(segments.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"{what}: expected segments (K, 2) and labels (K,), got {tuple(segments.shape)} and "
+            f"{tuple(labels.shape)}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"{what} has a class index outside [0, {num_classes}): {labels.tolist()}")

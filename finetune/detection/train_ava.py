@@ -24,17 +24,20 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
-from finetune.detection.annotations import (FrameAnnotation, FrameKey, LabelMap, read_ava_annotations,
-                                            read_label_map, read_proposals, write_ava_csv)
+from finetune.detection.annotations import (FrameAnnotation, FrameKey, LabelMap,
+                                            read_ava_annotations, read_label_map, read_proposals,
+                                            write_ava_csv)
 from finetune.detection.ava_metric import frame_average_precision
 from finetune.detection.data import AVADataConfig, build_keyframe_loader, select_proposals
 from finetune.detection.roi_head import ActionDetector, RoIActionHead
 from models import ModelConfig, build_encoder, load_encoder_weights
+from runtime.checkpoint import CheckpointConfig
 from runtime.config import help_text
 from runtime.dist import get_rank, get_world_size, init_distributed, is_initialized, is_main_process
-from runtime.engine import CheckpointConfig, EngineConfig, OptimConfig, create_engine
+from runtime.engine import EngineConfig, create_engine
 from runtime.io import atomic_write_text
 from runtime.logging import RunLogger, progress
+from runtime.optim import OptimConfig
 from runtime.seed import seed_everything
 from runtime.training import open_run
 
@@ -55,36 +58,48 @@ class DetectConfig:
     out_dir: str = field(default="runs/detect", metadata=help_text("run folder"))
     weights: str = field(default="", metadata=help_text(
         "encoder checkpoint (this project's, official VideoMAE/V2 or HF); '' = random init"))
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.2), metadata=help_text(
-        "encoder (num_classes is ignored: the RoI head classifies)"))
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(drop_path_rate=0.2),
+        metadata=help_text("encoder (num_classes is ignored: the RoI head classifies)"))
     head: RoIHeadConfig = field(default_factory=RoIHeadConfig, metadata=help_text("RoI head"))
-    data: AVADataConfig = field(default_factory=AVADataConfig, metadata=help_text("AVA-layout data"))
+    data: AVADataConfig = field(default_factory=AVADataConfig,
+                                metadata=help_text("AVA-layout data"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        base_lr=5e-4, min_lr=1e-6, warmup_epochs=2.0, epochs=20, betas=(0.9, 0.999), layer_decay=0.75),
+        base_lr=5e-4, min_lr=1e-6, warmup_epochs=2.0, epochs=20, betas=(0.9, 0.999),
+        layer_decay=0.75),
         metadata=help_text("AdamW with layer decay and warm-up + cosine, as in fine-tuning"))
-    engine: EngineConfig = field(default_factory=EngineConfig, metadata=help_text("DeepSpeed settings"))
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=help_text("checkpointing"))
-    eval_every_epochs: int = field(default=0, metadata=help_text("evaluate every N epochs (0 = only at the end)"))
-    log_every_steps: int = field(default=20, metadata=help_text("log the loss every N optimizer steps"))
+    engine: EngineConfig = field(default_factory=EngineConfig,
+                                 metadata=help_text("DeepSpeed settings"))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig,
+                                         metadata=help_text("checkpointing"))
+    eval_every_epochs: int = field(
+        default=0, metadata=help_text("evaluate every N epochs (0 = only at the end)"))
+    log_every_steps: int = field(default=20,
+                                 metadata=help_text("log the loss every N optimizer steps"))
     seed: int = field(default=0, metadata=help_text("random seed"))
 
     def validate(self) -> None:
-        if self.model.num_frames != self.data.num_frames or self.model.img_size != self.data.input_size:
-            raise ValueError(f"model.num_frames/img_size ({self.model.num_frames}, {self.model.img_size}) must equal "
-                             f"data.num_frames/input_size ({self.data.num_frames}, {self.data.input_size})")
-        for name in ("train_shards", "val_shards", "train_annotations", "val_annotations", "label_map"):
+        if (self.model.num_frames != self.data.num_frames
+                or self.model.img_size != self.data.input_size):
+            raise ValueError(f"model.num_frames/img_size ({self.model.num_frames}, "
+                             f"{self.model.img_size}) must equal data.num_frames/input_size "
+                             f"({self.data.num_frames}, {self.data.input_size})")
+        for name in ("train_shards", "val_shards", "train_annotations", "val_annotations",
+                     "label_map"):
             if not getattr(self.data, name):
                 raise ValueError(f"data.{name} is required")
         if self.eval_every_epochs < 0 or self.log_every_steps < 1:
             raise ValueError("eval_every_epochs must be >= 0 and log_every_steps >= 1")
 
 
-def build_detector(model_cfg: ModelConfig, head_cfg: RoIHeadConfig, num_classes: int, weights: str = "") -> ActionDetector:
+def build_detector(model_cfg: ModelConfig, head_cfg: RoIHeadConfig, num_classes: int,
+                   weights: str = "") -> ActionDetector:
     encoder = build_encoder(replace(model_cfg, num_classes=0))
     if weights:
         report = load_encoder_weights(encoder, weights)
         logger.info("encoder weights from %s: %s", weights, report)
-    return ActionDetector(encoder, RoIActionHead(encoder.embed_dim, num_classes, head_cfg.roi_size, head_cfg.dropout))
+    return ActionDetector(
+        encoder, RoIActionHead(encoder.embed_dim, num_classes, head_cfg.roi_size, head_cfg.dropout))
 
 
 def to_rows(scored: ScoredBoxes) -> dict[FrameKey, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -92,11 +107,13 @@ def to_rows(scored: ScoredBoxes) -> dict[FrameKey, tuple[torch.Tensor, torch.Ten
     rows = {}
     for key, (boxes, scores) in scored.items():
         num_boxes, num_classes = scores.shape
-        rows[key] = (boxes.repeat_interleave(num_classes, 0), torch.arange(num_classes).repeat(num_boxes), scores.flatten())
+        rows[key] = (boxes.repeat_interleave(num_classes, 0),
+                     torch.arange(num_classes).repeat(num_boxes), scores.flatten())
     return rows
 
 
-def prior_baseline(train_gt: dict[FrameKey, FrameAnnotation], boxes: dict[FrameKey, torch.Tensor]) -> ScoredBoxes:
+def prior_baseline(train_gt: dict[FrameKey, FrameAnnotation],
+                   boxes: dict[FrameKey, torch.Tensor]) -> ScoredBoxes:
     """Every box scored with the training frequency of each class (the trivial baseline)."""
     prior = torch.cat([a.labels for a in train_gt.values()]).float().mean(0)
     return {key: (b, prior.expand(b.shape[0], -1)) for key, b in boxes.items()}
@@ -112,7 +129,8 @@ def predict(model: ActionDetector, loader, device: torch.device, autocast) -> Sc
             logits = model(batch["video"].to(device), [b.to(device) for b in batch["boxes"]])
         scores = logits.float().sigmoid().cpu().split([b.shape[0] for b in batch["boxes"]])
         # The DataLoader turns tuples into lists: rebuild the (video_id, timestamp) keys.
-        out.update({tuple(key): (boxes, s) for key, boxes, s in zip(batch["key"], batch["boxes"], scores)})
+        out.update(
+            {tuple(key): (boxes, s) for key, boxes, s in zip(batch["key"], batch["boxes"], scores)})
     return out
 
 
@@ -125,7 +143,8 @@ def gather_to_main(local: dict) -> dict:
     return {k: v for part in parts for k, v in part.items()} if is_main_process() else {}
 
 
-def evaluate(scored: ScoredBoxes, val_gt: dict[FrameKey, FrameAnnotation], label_map: LabelMap) -> dict[str, float]:
+def evaluate(scored: ScoredBoxes, val_gt: dict[FrameKey, FrameAnnotation],
+             label_map: LabelMap) -> dict[str, float]:
     ground_truth = {key: a.to_rows() for key, a in val_gt.items()}
     result = frame_average_precision(ground_truth, to_rows(scored), label_map.num_classes)
     return result.as_dict(list(label_map.names))
@@ -135,7 +154,8 @@ def write_detections(path: Path, scored: ScoredBoxes, label_map: LabelMap) -> No
     rows = []
     for (video_id, ts), (boxes, scores) in sorted(scored.items()):
         for box, box_scores in zip(boxes.tolist(), scores.tolist()):
-            rows += [(video_id, _timestamp(ts), *box, action_id, round(s, 5)) for action_id, s in zip(label_map.action_ids, box_scores)]
+            rows += [(video_id, _timestamp(ts), *box, action_id, round(s, 5))
+                     for action_id, s in zip(label_map.action_ids, box_scores)]
     write_ava_csv(path, rows)
 
 
@@ -154,14 +174,18 @@ def run_ava(cfg: DetectConfig) -> dict[str, float]:
     label_map = read_label_map(data.label_map)
     train_gt = read_ava_annotations(data.train_annotations, label_map, data.unknown_actions)
     val_gt = read_ava_annotations(data.val_annotations, label_map, data.unknown_actions)
-    test_boxes = (select_proposals(read_proposals(data.val_proposals), data.proposal_threshold) if data.val_proposals
+    test_boxes = (select_proposals(read_proposals(data.val_proposals), data.proposal_threshold)
+                  if data.val_proposals
                   else {key: a.boxes for key, a in val_gt.items()})
 
     model = build_detector(cfg.model, cfg.head, label_map.num_classes, cfg.weights)
-    train_loader, batches_per_epoch = build_keyframe_loader(data, data.train_shards, train_gt, True, rank, world_size, cfg.seed)
-    val_loader, _ = build_keyframe_loader(data, data.val_shards, val_gt, False, rank, world_size, cfg.seed, test_boxes)
+    train_loader, batches_per_epoch = build_keyframe_loader(data, data.train_shards, train_gt, True,
+                                                            rank, world_size, cfg.seed)
+    val_loader, _ = build_keyframe_loader(data, data.val_shards, val_gt, False, rank, world_size,
+                                          cfg.seed, test_boxes)
     steps_per_epoch = max(1, batches_per_epoch // cfg.engine.grad_accum_steps)
-    engine = create_engine(model, cfg.engine, cfg.optim, data.batch_size, world_size, out_dir, steps_per_epoch)
+    engine = create_engine(model, cfg.engine, cfg.optim, data.batch_size, world_size, out_dir,
+                           steps_per_epoch)
     state = checkpoints.load(engine, tag) if tag else {}
     epoch, batches_done = int(state.get("epoch", 0)), int(state.get("batches_done", 0))
 
@@ -170,7 +194,8 @@ def run_ava(cfg: DetectConfig) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if is_main_process():
             metrics = evaluate(scored, val_gt, label_map)
-            baseline = evaluate(prior_baseline(train_gt, {k: b for k, (b, _) in scored.items()}), val_gt, label_map)
+            baseline = evaluate(prior_baseline(train_gt, {k: b for k, (b, _) in scored.items()}),
+                                val_gt, label_map)
             metrics["prior_baseline_frame_mAP@0.5"] = baseline["frame_mAP@0.5"]
             write_detections(out_dir / "detections_val.csv", scored, label_map)
             run_log.log(step, tag="val", **metrics)
@@ -185,19 +210,23 @@ def run_ava(cfg: DetectConfig) -> dict[str, float]:
             remaining = batches_per_epoch - batches_done
             for batch in progress(train_loader, total=remaining, desc=f"epoch {epoch}"):
                 with engine.autocast():
-                    logits = engine(batch["video"].to(device), [b.to(device) for b in batch["boxes"]])
-                loss = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].to(device))
+                    logits = engine(batch["video"].to(device),
+                                    [b.to(device) for b in batch["boxes"]])
+                loss = F.binary_cross_entropy_with_logits(logits.float(),
+                                                          batch["labels"].to(device))
                 engine.step(loss)
                 batches_done += 1
                 step = engine.global_step
                 if engine.last_step_applied and step % cfg.log_every_steps == 0:
                     run_log.log(step, loss=loss.item(), lr=engine.lr)
-                if engine.last_step_applied and cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                if (engine.last_step_applied and cfg.checkpoint.every_steps
+                        and step % cfg.checkpoint.every_steps == 0):
                     checkpoints.save(engine, step, {"epoch": epoch, "batches_done": batches_done})
                 if batches_done >= batches_per_epoch:
                     break
             epoch, batches_done = epoch + 1, 0
-            if cfg.eval_every_epochs and epoch % cfg.eval_every_epochs == 0 and epoch < cfg.optim.epochs:
+            if (cfg.eval_every_epochs and epoch % cfg.eval_every_epochs == 0
+                    and epoch < cfg.optim.epochs):
                 evaluate_now(engine.global_step)
         checkpoints.save(engine, engine.global_step, {"epoch": epoch, "batches_done": 0})
         metrics = evaluate_now(engine.global_step)

@@ -41,7 +41,8 @@ def test_common_benchmark_alternates_and_takes_medians(bench):
     order: list[str] = []
     timings = common.benchmark({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
                                torch.device("cpu"), warmup=1, repeats=4)
-    assert order == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then rotating order
+    # warm-up, then rotating order
+    assert order == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert all(len(t.wall) == 4 and t.median >= t.best >= 0 for t in timings.values())
     table = common.markdown_table([{"x": 1.23456, "y": "z"}])
     assert table.splitlines()[0] == "| x | y |" and "1.23" in table
@@ -77,7 +78,8 @@ def test_profile_step_writes_traces(bench, tmp_path):
     for summary in result["summaries"]:
         trace = json.loads(Path(summary["trace"]).read_text())
         assert trace["traceEvents"]
-        assert {"encoder blocks", "decoder", "forward", "backward", "optimizer"} <= set(summary["regions_ms"])
+        assert ({"encoder blocks", "decoder", "forward", "backward", "optimizer"}
+                <= set(summary["regions_ms"]))
     assert {row["impl"] for row in result["rows"]} == {"ours", "hf"}
 
 
@@ -97,10 +99,11 @@ def tiny_shards(tmp_path):
 
 def test_e2e_runs_loader_and_model(bench, tmp_path, tiny_shards):
     out = tmp_path / "e2e.json"
-    result = bench("e2e").main(QUICK + ["--workers", "0", "1", "--shards", str(tiny_shards), "--json", str(out)])
+    result = bench("e2e").main(QUICK + ["--workers", "0", "1", "--shards", str(tiny_shards),
+                                        "--json", str(out)])
     rows = read_json(out)["rows"]
     settings = [(r["setting"], r["workers"]) for r in rows]
-    assert settings == [("model alone (synthetic batch)", None), ("loader alone", 0), ("loader alone", 1),
-                        ("loader + model", 0), ("loader + model", 1)]
+    assert settings == [("model alone (synthetic batch)", None), ("loader alone", 0),
+                        ("loader alone", 1), ("loader + model", 0), ("loader + model", 1)]
     assert all(0 <= r["data_wait"] < 1 for r in rows if r["setting"] == "loader + model")
     assert finite_positive(result["summary"]["workers_needed"], *(r["clips_s"] for r in rows))

@@ -101,4 +101,5 @@ def test_auto_backend_decodes_widths_decord_cannot(clip_tools):
     got = reader.get_frames([5, 0, 3])
     assert tuple(got.shape) == (3, 32, 48, 3)
     np.testing.assert_array_equal(clip_tools.frame_index_of(got.numpy()), [5, 0, 3])
-    np.testing.assert_array_equal(got.numpy(), open_video(data, "pyav").get_frames([5, 0, 3]).numpy())
+    np.testing.assert_array_equal(got.numpy(),
+                                  open_video(data, "pyav").get_frames([5, 0, 3]).numpy())

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from data_tools.config import DataConfig
 from data_tools.decode import decord_available
-from data_tools.loader import DataConfig, build_loader
+from data_tools.loader import build_loader
 
 TINY = dict(num_frames=8, sampling_rate=2, input_size=32, patch_size=16, batch_size=4,
             num_workers=0)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_tools.config import DataConfig
 from data_tools.demo import DemoConfig, generate_demo
-from data_tools.loader import DataConfig
 from models import ModelConfig
 
 CLASSES = 10  # DemoConfig.tiny(): 10 classes x (3 train + 2 val) clips of 16 frames at 32x32

@@ -56,7 +56,8 @@ def test_metrics_match_sklearn():
     y, p = scores.labels.numpy(), scores.scores.numpy()
     pred = p.argmax(1)
     assert metrics["top1"] == pytest.approx(float((pred == y).mean()))
-    assert metrics["top5"] == pytest.approx(top_k_accuracy_score(y, p, k=5, labels=range(num_classes)))
+    assert metrics["top5"] == pytest.approx(top_k_accuracy_score(y, p, k=5,
+                                                                 labels=range(num_classes)))
     assert metrics["mean_class_acc"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert metrics["num_videos"] == 40
     np.testing.assert_array_equal(confusion.numpy(),

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from data_tools.demo import DemoConfig, generate_demo
 from finetune.config import FinetuneConfig, MixupConfig, ValConfig
 from finetune.train import VideoMixup, run
+from runtime.checkpoint import CheckpointConfig
 from runtime.config import load_config
-from runtime.engine import CheckpointConfig, EngineConfig
+from runtime.engine import EngineConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,9 +40,9 @@ def learning_config(root: Path, out_dir: Path, attention: str, seed: int = 0) ->
         "pretrained=", f"data.shards={root / 'train'}", f"val.shards={root / 'val'}",
         f"out_dir={out_dir}", f"model.attention={attention}", f"seed={seed}",
         "model.num_frames=8", "data.num_frames=8", "data.num_workers=0", "data.crop=center",
-        "model.img_size=32", "data.input_size=32", "model.tubelet_size=2", "data.tubelet_size=2", "data.sampling_rate=2",
-        "data.num_test_clips=1", "data.num_test_crops=1", "val.every_epochs=0",
-        "optim.epochs=30", "optim.warmup_epochs=2", "optim.base_lr=0.024",
+        "model.img_size=32", "data.input_size=32", "model.tubelet_size=2", "data.tubelet_size=2",
+        "data.sampling_rate=2", "data.num_test_clips=1", "data.num_test_crops=1",
+        "val.every_epochs=0", "optim.epochs=30", "optim.warmup_epochs=2", "optim.base_lr=0.024",
         "mixup.mixup=0", "mixup.cutmix=0", "mixup.label_smoothing=0", "model.drop_path_rate=0",
         "head_init_scale=1.0", "checkpoint.every_steps=0", "checkpoint.resume=",
         "log.tensorboard=false"])
@@ -75,7 +76,8 @@ def resume_config(demo_root: Path, out_dir: Path, max_steps: int) -> FinetuneCon
                                  batch_size=4, num_workers=0, shuffle_buffer=8),
         val=ValConfig(shards=str(demo_root / "val"), every_epochs=0, test_views=False),
         mixup=MixupConfig(), ema=dataclasses.replace(FinetuneConfig().ema, enabled=True, decay=0.9),
-        optim=dataclasses.replace(FinetuneConfig().optim, epochs=2, warmup_epochs=0.5, base_lr=0.05),
+        optim=dataclasses.replace(FinetuneConfig().optim, epochs=2, warmup_epochs=0.5,
+                                  base_lr=0.05),
         engine=EngineConfig(precision="fp32", zero_stage=0),
         checkpoint=CheckpointConfig(every_steps=3, keep_last=2, resume="auto"),
         out_dir=str(out_dir), max_steps=max_steps)

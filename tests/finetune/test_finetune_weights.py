@@ -22,12 +22,14 @@ def pretrain_checkpoint(tmp_path, tiny_model_cfg):
     return path, model
 
 
-def test_joint_checkpoint_becomes_divided_with_zero_temporal_fc(pretrain_checkpoint, tiny_model_cfg):
+def test_joint_checkpoint_becomes_divided_with_zero_temporal_fc(pretrain_checkpoint,
+                                                                tiny_model_cfg):
     path, source = pretrain_checkpoint
     model = build_model(tiny_model_cfg(attention="divided", num_classes=10), str(path))
     encoder = source.encoder
     for i, block in enumerate(model.blocks):
-        torch.testing.assert_close(block.temporal_attn.qkv.weight, encoder.blocks[i].attn.qkv.weight)
+        torch.testing.assert_close(block.temporal_attn.qkv.weight,
+                                   encoder.blocks[i].attn.qkv.weight)
         torch.testing.assert_close(block.attn.qkv.weight, encoder.blocks[i].attn.qkv.weight)
         assert torch.count_nonzero(block.temporal_fc.weight) == 0
     torch.testing.assert_close(model.patch_embed.proj.weight, encoder.patch_embed.proj.weight)
@@ -42,7 +44,8 @@ def test_joint_checkpoint_becomes_divided_with_zero_temporal_fc(pretrain_checkpo
 def test_checkpoint_with_fewer_frames_loads_into_a_longer_clip(pretrain_checkpoint, tiny_model_cfg):
     path, source = pretrain_checkpoint
     model = build_model(tiny_model_cfg(num_frames=16, num_classes=10), str(path))
-    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, source.encoder.blocks[1].mlp.fc2.weight)
+    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight,
+                               source.encoder.blocks[1].mlp.fc2.weight)
     assert model(torch.randn(1, 3, 16, 32, 32)).shape == (1, 10)
 
 

@@ -31,8 +31,9 @@ def pretrain_run(demo_root, tmp_path_factory) -> Path:
             "--config", str(REPO / "configs/pretrain/demo_tiny.yaml"),
             f"data.shards={demo_root / 'train'}", f"out_dir={out}", "model.num_frames=8",
             "data.num_frames=8", "data.batch_size=4", "data.num_workers=0", "max_steps=2",
-            "model.img_size=32", "data.input_size=32", "model.tubelet_size=2", "data.tubelet_size=2", "data.sampling_rate=2",
-            "checkpoint.every_steps=2", "log.vis_every_steps=-1", "log.tensorboard=false"]))
+            "model.img_size=32", "data.input_size=32", "model.tubelet_size=2",
+            "data.tubelet_size=2", "data.sampling_rate=2", "checkpoint.every_steps=2",
+            "log.vis_every_steps=-1", "log.tensorboard=false"]))
     finally:
         torch.set_num_threads(before)
     return out
@@ -59,13 +60,15 @@ def test_linear_probe_runs_from_a_pretraining_run_and_reuses_its_cache(probe_cfg
     assert len(rows) == 20 and {r["num_views"] for r in rows} == {"2"}
     assert json.loads((out / "eval" / "metrics.json").read_text())["top1"] == metrics["top1"]
 
-    train_file, val_file = out / "features" / "train-mean.safetensors", out / "features" / "val-mean.safetensors"
+    train_file = out / "features" / "train-mean.safetensors"
+    val_file = out / "features" / "val-mean.safetensors"
     train, val = load_features(train_file), load_features(val_file)
     assert train.features.shape == (30, 64) and len(set(train.keys)) == 30
     assert val.features.shape == (40, 64) and sorted(set(val.views.tolist())) == [0, 1]
     stamps = {p: p.stat().st_mtime_ns for p in (train_file, val_file)}
 
-    again = run(dataclasses.replace(probe_cfg, probe=dataclasses.replace(probe_cfg.probe, epochs=2)))
+    again = run(
+        dataclasses.replace(probe_cfg, probe=dataclasses.replace(probe_cfg.probe, epochs=2)))
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # same encoder: cache reused
     assert again["num_videos"] == 20
 
@@ -76,7 +79,8 @@ def test_linear_probe_runs_from_a_pretraining_run_and_reuses_its_cache(probe_cfg
 
 
 def test_attentive_probe_trains_on_cached_tokens(probe_cfg):
-    cfg = dataclasses.replace(probe_cfg, probe=dataclasses.replace(probe_cfg.probe, kind="attentive"),
+    cfg = dataclasses.replace(probe_cfg,
+                              probe=dataclasses.replace(probe_cfg.probe, kind="attentive"),
                               val=dataclasses.replace(probe_cfg.val, test_views=False))
     metrics = run(cfg)
     assert metrics["num_videos"] == 20 and metrics["num_views"] == 1.0

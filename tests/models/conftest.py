@@ -26,7 +26,8 @@ def clip():
 
     def make(cfg: ModelConfig, batch: int = 2, seed: int = 0) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
-        return torch.randn(batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, generator=gen)
+        return torch.randn(batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size,
+                           generator=gen)
 
     return make
 

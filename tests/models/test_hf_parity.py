@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification, VideoMAEModel
+from transformers import (VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification,
+                          VideoMAEModel)
 
-from models import ModelConfig, VideoMAEPretrain, VideoViT, load_encoder_weights, load_pretrain_weights
-from models.convert import config_from_hf, export_hf, hf_to_project, project_to_hf
+from models import (ModelConfig, VideoMAEPretrain, VideoViT, load_encoder_weights,
+                    load_pretrain_weights)
+from models.hf import config_from_hf, export_hf, hf_to_project, project_to_hf
 
 ATOL = 1e-5
 
 
 def hf_config(**overrides) -> VideoMAEConfig:
-    values = dict(image_size=32, patch_size=16, num_channels=3, num_frames=4, tubelet_size=2, hidden_size=64,
-                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, layer_norm_eps=1e-6,
-                  decoder_hidden_size=32, decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
-                  decoder_intermediate_size=128, use_mean_pooling=False, attn_implementation="eager")
+    values = dict(image_size=32, patch_size=16, num_channels=3, num_frames=4, tubelet_size=2,
+                  hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                  layer_norm_eps=1e-6, decoder_hidden_size=32, decoder_num_hidden_layers=2,
+                  decoder_num_attention_heads=2, decoder_intermediate_size=128,
+                  use_mean_pooling=False, attn_implementation="eager")
     values.update(overrides)
     return VideoMAEConfig(**values)
 
@@ -62,7 +65,8 @@ def test_encoder_hf_to_ours(bias_naming, inputs):
     hf = randomise(VideoMAEModel(hf_config()))
     state = hf.state_dict()
     if bias_naming == "old":  # older checkpoints: attention.attention.q_bias / v_bias
-        state = {k.replace("query.bias", "q_bias").replace("value.bias", "v_bias"): v for k, v in state.items()}
+        state = {k.replace("query.bias", "q_bias").replace("value.bias", "v_bias"): v
+                 for k, v in state.items()}
         assert any(k.endswith("attention.attention.q_bias") for k in state)
     ours = VideoViT(ours_config(hf.config)).eval()
     load_encoder_weights(ours, state)
@@ -117,7 +121,8 @@ def test_export_ours_to_hf(kind, inputs, tmp_path):
         elif kind == "classifier":
             torch.testing.assert_close(ours(x), hf(hf_input(x)).logits, atol=ATOL, rtol=0)
         else:
-            torch.testing.assert_close(ours.forward_features(x), hf(hf_input(x)).last_hidden_state, atol=ATOL, rtol=0)
+            torch.testing.assert_close(ours.forward_features(x), hf(hf_input(x)).last_hidden_state,
+                                       atol=ATOL, rtol=0)
 
 
 def test_old_bias_naming_round_trip():

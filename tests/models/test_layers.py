@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.layers import Attention, Block, DividedBlock, TubeletEmbed, mix_time, patchify, unpatchify
+from models.layers import (Attention, Block, DividedBlock, TubeletEmbed, mix_time, patchify,
+                           unpatchify)
 
 
 def test_patchify_layout_is_t_h_w_tokens_with_channel_fastest():
@@ -20,14 +21,16 @@ def test_patchify_layout_is_t_h_w_tokens_with_channel_fastest():
                         for dx in range(4):
                             for c in range(2):
                                 j = ((dt * 4 + dy) * 4 + dx) * 2 + c
-                                assert patches[0, n, j] == video[0, c, t * 2 + dt, h * 4 + dy, w * 4 + dx]
+                                pixel = video[0, c, t * 2 + dt, h * 4 + dy, w * 4 + dx]
+                                assert patches[0, n, j] == pixel
     torch.testing.assert_close(unpatchify(patches, (2, 2, 2), 2, 4), video)
 
 
 def test_patch_projection_equals_conv3d():
     embed = TubeletEmbed(3, 24, patch_size=8, tubelet_size=2)
     video = torch.randn(2, 3, 4, 16, 16)
-    torch.testing.assert_close(embed.embed_patches(patchify(video, 2, 8)), embed(video), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embed.embed_patches(patchify(video, 2, 8)), embed(video),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_attention_uses_q_and_v_bias_and_no_key_bias():
@@ -44,7 +47,8 @@ def test_attention_uses_q_and_v_bias_and_no_key_bias():
     weights = torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5, dim=-1)
     expected = attn.proj((weights @ v).transpose(1, 2).reshape(3, 5, 16))
     torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
-    assert set(dict(attn.named_parameters())) == {"qkv.weight", "q_bias", "v_bias", "proj.weight", "proj.bias"}
+    assert set(dict(attn.named_parameters())) == {"qkv.weight", "q_bias", "v_bias", "proj.weight",
+                                                  "proj.bias"}
 
 
 def test_mix_time_takes_channels_from_neighbouring_slices():
@@ -54,8 +58,10 @@ def test_mix_time_takes_channels_from_neighbouring_slices():
     x = kv.reshape(2, b, t, heads, s, d)
     torch.testing.assert_close(mixed[..., 2 * fold:], x[..., 2 * fold:])
     torch.testing.assert_close(mixed[:, :, 1:, ..., :fold], x[:, :, :-1, ..., :fold])
-    torch.testing.assert_close(mixed[:, :, :-1, ..., fold:2 * fold], x[:, :, 1:, ..., fold:2 * fold])
-    assert (mixed[:, :, 0, ..., :fold] == 0).all() and (mixed[:, :, -1, ..., fold:2 * fold] == 0).all()
+    torch.testing.assert_close(mixed[:, :, :-1, ..., fold:2 * fold],
+                               x[:, :, 1:, ..., fold:2 * fold])
+    assert (mixed[:, :, 0, ..., :fold] == 0).all()
+    assert (mixed[:, :, -1, ..., fold:2 * fold] == 0).all()
 
 
 def _copy_weights(dst, src):
@@ -99,4 +105,5 @@ def test_divided_block_with_zero_temporal_fc_is_a_space_only_block():
 @pytest.mark.parametrize("attention", ["joint", "space_only", "mixing"])
 def test_layer_scale_parameters_use_official_names(attention):
     block = Block(16, 2, init_values=0.1, attention=attention)
-    assert torch.equal(block.gamma_1, torch.full((16,), 0.1)) and "gamma_2" in dict(block.named_parameters())
+    assert torch.equal(block.gamma_1, torch.full((16,), 0.1))
+    assert "gamma_2" in dict(block.named_parameters())

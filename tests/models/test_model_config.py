@@ -56,7 +56,8 @@ def test_model_construction_validates(tiny_cfg):
 
 
 def test_registry_builds_named_factories():
-    expected = {"vit_base_patch16_224", "vit_giant_patch14_224", "pretrain_videomae_base_patch16_224"}
+    expected = {"vit_base_patch16_224", "vit_giant_patch14_224",
+                "pretrain_videomae_base_patch16_224"}
     assert expected <= set(MODEL_REGISTRY)
     model = create_model("vit_micro_patch16", img_size=32, num_frames=4, num_classes=3)
     assert isinstance(model, VideoViT) and model.head.out_features == 3

@@ -33,7 +33,8 @@ def test_separable_table_is_temporal_plus_spatial():
 def _slice_constant_table(values, hw):
     """(1, T*H*W, D) table whose slice t is the constant values[t] everywhere."""
     t = len(values)
-    return torch.tensor(values, dtype=torch.float32)[:, None, None].expand(t, hw, 4).reshape(1, -1, 4)
+    table = torch.tensor(values, dtype=torch.float32)[:, None, None].expand(t, hw, 4)
+    return table.reshape(1, -1, 4)
 
 
 def test_spatial_resize_stays_within_each_time_slice():

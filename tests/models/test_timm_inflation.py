@@ -13,14 +13,15 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from models import VideoViT, load_encoder_weights
-from models.convert import inflate_timm
+from models.timm_inflate import inflate_timm
 
 ATOL = RTOL = 1e-5
 
 
 def random_timm_vit(**kwargs) -> VisionTransformer:
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=4, num_classes=7, **kwargs)
+    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=4,
+                            num_classes=7, **kwargs)
     with torch.no_grad():
         for param in vit.parameters():
             param.normal_(0, 0.2)
@@ -32,7 +33,8 @@ def random_timm_vit(**kwargs) -> VisionTransformer:
 def test_static_clip_gives_the_image_features(attention, layout, tiny_cfg):
     # no class token: with one, timm's patch tokens would also attend to it
     vit = random_timm_vit(class_token=False, global_pool="avg", fc_norm=layout == "fc_norm")
-    cfg = tiny_cfg(attention=attention, pos_embed="separable_learned", num_classes=7, final_norm=layout)
+    cfg = tiny_cfg(attention=attention, pos_embed="separable_learned", num_classes=7,
+                   final_norm=layout)
     video_model = VideoViT(cfg).eval()
     report = load_encoder_weights(video_model, vit.state_dict())
     assert any("inflated patch_embed" in note for note in report.notes)
@@ -53,7 +55,8 @@ def test_inflation_of_kernel_bias_and_prefix_tokens():
     kernel = out["patch_embed.proj.weight"]
     assert kernel.shape == (64, 3, 2, 16, 16)
     torch.testing.assert_close(kernel.sum(2), state["patch_embed.proj.weight"])
-    torch.testing.assert_close(out["pos_embed.spatial"], state["pos_embed"][:, 1:])  # class slot dropped
+    # class slot dropped
+    torch.testing.assert_close(out["pos_embed.spatial"], state["pos_embed"][:, 1:])
     assert torch.equal(out["pos_embed.temporal"], torch.zeros(1, 2, 64))
     torch.testing.assert_close(out["blocks.0.attn.q_bias"], state["blocks.0.attn.qkv.bias"][:64])
     torch.testing.assert_close(out["blocks.0.attn.v_bias"], state["blocks.0.attn.qkv.bias"][128:])

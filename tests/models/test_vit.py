@@ -50,7 +50,8 @@ def test_joint_accepts_any_mask_with_equal_counts(tiny_cfg, clip):
 @pytest.mark.parametrize("attention", ["divided", "space_only", "mixing"])
 def test_factorised_attention_rejects_non_tube_masks(attention, tiny_cfg, clip):
     cfg = tiny_cfg(attention=attention)
-    mask = torch.tensor([[1, 0, 0, 0, 0, 1, 0, 0]] * 2, dtype=torch.bool)  # slice 0 hides 0, slice 1 hides 1
+    # slice 0 hides 0, slice 1 hides 1
+    mask = torch.tensor([[1, 0, 0, 0, 0, 1, 0, 0]] * 2, dtype=torch.bool)
     with pytest.raises(ValueError, match="needs a tube mask"):
         VideoViT(cfg)(clip(cfg), mask)
 
@@ -133,7 +134,9 @@ def test_final_norm_layouts(tiny_cfg):
     with_head = VideoViT(tiny_cfg(num_classes=3))
     without = VideoViT(tiny_cfg())
     forced = VideoViT(tiny_cfg(final_norm="fc_norm"))
-    assert "fc_norm.weight" in with_head.state_dict() and "norm.weight" not in with_head.state_dict()
+    assert "fc_norm.weight" in with_head.state_dict()
+    assert "norm.weight" not in with_head.state_dict()
     assert "norm.weight" in without.state_dict() and "fc_norm.weight" not in without.state_dict()
     assert "fc_norm.weight" in forced.state_dict() and "head.weight" not in forced.state_dict()
-    assert 0 < abs(with_head.head.weight).max() < 0.001 * 0.02 * 6  # trunc-normal .02 scaled by 0.001
+    # trunc-normal .02 scaled by 0.001
+    assert 0 < abs(with_head.head.weight).max() < 0.001 * 0.02 * 6

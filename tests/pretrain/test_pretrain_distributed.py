@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.checkpoint import CheckpointManager
 from runtime.dist import free_port
-from runtime.engine import CheckpointManager
 from tests.pretrain.helpers import PYTHON, REPO, losses_by_step, subprocess_env, tiny_args
 
 pytestmark = pytest.mark.slow
@@ -138,4 +138,5 @@ def test_slurm_and_hostfile_scripts_continue_the_run(runs):
     assert CheckpointManager(chained / "checkpoints").complete_tags() == [
         f"step_{STEPS}", f"step_{STEPS + 1}", f"step_{STEPS + 2}"]
     ranks = rank_summaries(chained)
-    assert ranks[0]["step"] == STEPS + 2 and ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    assert ranks[0]["step"] == STEPS + 2
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from models import VideoMAEPretrain, VideoViT, load_encoder_weights
 from pretrain.config import PretrainConfig
+from runtime.checkpoint import COMPLETE_MARKER, CheckpointManager
 from runtime.config import load_config
-from runtime.engine import COMPLETE_MARKER, CheckpointManager, NonFiniteLossError
+from runtime.engine import NonFiniteLossError
 from runtime.io import load_state_dict
 from runtime.logging import METRICS_FILE, read_metrics
 from tests.pretrain.helpers import (DEMO_CONFIG, PYTHON, REPO, losses_by_step, run_in_process,
@@ -28,7 +29,8 @@ def test_loss_decreases_and_run_folder_is_complete(reference_run):
     assert sorted(losses) == list(range(1, STEPS + 1))
     # The loss relative to predicting zeros (each patch's mean), which removes how much of
     # each batch is flat background: a fresh decoder predicts noise, training must beat that.
-    zero = {r["step"]: r["zero_pred_loss"] for r in read_metrics(reference_run / METRICS_FILE, "train")}
+    zero = {r["step"]: r["zero_pred_loss"]
+            for r in read_metrics(reference_run / METRICS_FILE, "train")}
     ratio = {s: losses[s] / zero[s] for s in losses}
     first, last = sum(ratio[s] for s in range(1, 6)) / 5, sum(ratio[s] for s in range(26, 31)) / 5
     assert last < 0.95 * first, (first, last)
@@ -90,7 +92,8 @@ def test_sigkill_mid_checkpoint_then_resume_auto_is_exact(demo_shards, reference
                             timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     checkpoints = run_dir / "checkpoints"
-    assert (checkpoints / "step_6").is_dir() and not (checkpoints / "step_6" / COMPLETE_MARKER).exists()
+    assert (checkpoints / "step_6").is_dir()
+    assert not (checkpoints / "step_6" / COMPLETE_MARKER).exists()
     assert (checkpoints / "latest").read_text() == "step_3"
     assert CheckpointManager(checkpoints).resolve("auto") == "step_3"
 

@@ -16,7 +16,8 @@ def test_torchrun_variables():
     env = discover({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
                     "MASTER_ADDR": "node0", "MASTER_PORT": "1234", "TORCHELASTIC_RUN_ID": "x"})
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 8, 1, 4)
-    assert (env.master_addr, env.master_port, env.launcher, env.node_rank) == ("node0", 1234, "torchrun", 1)
+    assert (env.master_addr, env.master_port, env.launcher, env.node_rank) == ("node0", 1234,
+                                                                               "torchrun", 1)
 
 
 def test_deepspeed_launcher_variables():

@@ -1,5 +1,5 @@
-"""runtime.engine: parameter groups, schedule, DeepSpeed JSON, real DeepSpeed engines and
-checkpoints (single process, CPU, gloo)."""
+"""runtime.optim, runtime.engine, runtime.checkpoint: parameter groups, schedule, DeepSpeed
+JSON, real DeepSpeed engines and checkpoints (single process, CPU, gloo)."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,10 @@ from torch import nn
 
 from runtime.config import load_config
 from runtime.dist import init_distributed
-from runtime.engine import (DEEPSPEED_CONFIG_NAME, CheckpointConfig,
-                            CheckpointManager, EngineConfig, NonFiniteLossError,
-                            NonFiniteWeightsError, OptimConfig, WarmupCosine, create_engine,
-                            deepspeed_config, param_groups)
+from runtime.checkpoint import CheckpointConfig, CheckpointManager
+from runtime.engine import (DEEPSPEED_CONFIG_NAME, EngineConfig, NonFiniteLossError,
+                            NonFiniteWeightsError, create_engine, deepspeed_config)
+from runtime.optim import OptimConfig, WarmupCosine, param_groups
 
 
 class ToyViT(nn.Module):
@@ -168,7 +168,8 @@ def test_engine_config_validation_names_the_field():
 
 def test_engine_trains_with_scaled_lr_per_group(tmp_path):
     engine = build(tmp_path, layer_decay=0.5)
-    assert json.loads((tmp_path / DEEPSPEED_CONFIG_NAME).read_text())["zero_optimization"]["stage"] == 0
+    written = json.loads((tmp_path / DEEPSPEED_CONFIG_NAME).read_text())
+    assert written["zero_optimization"]["stage"] == 0
     peak = 0.05 * 4 / 256
     assert engine.schedule.base_lr == pytest.approx(peak)
     assert (engine.schedule.warmup_steps, engine.schedule.total_steps) == (2, 8)

@@ -12,7 +12,8 @@ RIGHT = [0.6, 0.5, 1.0, 1.0]
 
 
 def gt(boxes, labels):
-    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.long)
+    return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            torch.tensor(labels, dtype=torch.long))
 
 
 def det(boxes, labels, scores):
@@ -29,7 +30,8 @@ def ap(ground_truth, detections, num_classes=1, **kwargs):
 
 def test_perfect_detections_give_ap_one():
     ground_truth = {("v", 1): gt([LEFT, RIGHT], [0, 0]), ("v", 2): gt([RIGHT], [0])}
-    detections = {("v", 1): det([RIGHT, LEFT], [0, 0], [0.3, 0.2]), ("v", 2): det([RIGHT], [0], [0.9])}
+    detections = {("v", 1): det([RIGHT, LEFT], [0, 0], [0.3, 0.2]),
+                  ("v", 2): det([RIGHT], [0], [0.9])}
     result = ap(ground_truth, detections)
     assert result.mean == pytest.approx(1.0)
     assert result.as_dict()["frame_mAP@0.5"] == pytest.approx(1.0)
@@ -114,7 +116,8 @@ def random_frames(generator, num_frames, num_classes):
     cells = [(i / 3, j / 3) for i in range(3) for j in range(3)]
     ground_truth, detections = {}, {}
     for frame in range(num_frames):
-        chosen = torch.randperm(9, generator=generator)[: int(torch.randint(0, 5, (1,), generator=generator))]
+        count = int(torch.randint(0, 5, (1,), generator=generator))
+        chosen = torch.randperm(9, generator=generator)[:count]
         boxes = []
         for c in chosen.tolist():
             x, y = cells[c]
@@ -124,12 +127,14 @@ def random_frames(generator, num_frames, num_classes):
         gt_labels = torch.randint(0, num_classes, (len(boxes),), generator=generator)
         num_det = int(torch.randint(0, 8, (1,), generator=generator))
         pick = torch.randint(0, max(len(boxes), 1), (num_det,), generator=generator)
-        det_boxes = gt_boxes[pick] if len(boxes) else torch.rand(num_det, 4, generator=generator) * 0.3
+        det_boxes = (gt_boxes[pick] if len(boxes)
+                     else torch.rand(num_det, 4, generator=generator) * 0.3)
         det_boxes = (det_boxes + 0.02 * torch.randn(num_det, 4, generator=generator)).clamp(0, 1)
         det_boxes[:, 2:] = torch.maximum(det_boxes[:, 2:], det_boxes[:, :2] + 0.01)
         det_labels = gt_labels[pick] if len(boxes) else torch.zeros(num_det, dtype=torch.long)
         flip = torch.rand(num_det, generator=generator) < 0.2
-        det_labels = torch.where(flip, torch.randint(0, num_classes, (num_det,), generator=generator), det_labels)
+        det_labels = torch.where(
+            flip, torch.randint(0, num_classes, (num_det,), generator=generator), det_labels)
         ground_truth[("v", frame)] = (gt_boxes, gt_labels)
         detections[("v", frame)] = (det_boxes, det_labels, torch.rand(num_det, generator=generator))
     return ground_truth, detections
@@ -151,7 +156,8 @@ def test_agrees_with_torchmetrics_coco_map_at_iou_half(seed):
     coco = MeanAveragePrecision(iou_thresholds=[0.5], class_metrics=True)
     frames = list(ground_truth)
     coco.update(
-        [dict(boxes=detections[f][0], labels=detections[f][1], scores=detections[f][2]) for f in frames],
+        [dict(boxes=detections[f][0], labels=detections[f][1], scores=detections[f][2])
+         for f in frames],
         [dict(boxes=ground_truth[f][0], labels=ground_truth[f][1]) for f in frames],
     )
     theirs = coco.compute()
@@ -159,7 +165,8 @@ def test_agrees_with_torchmetrics_coco_map_at_iou_half(seed):
     evaluated = [c for c in range(num_classes) if not math.isnan(ours.per_class[c])]
     assert evaluated, "the random case must evaluate some class"
     for c in evaluated:
-        assert abs(float(ours.per_class[c]) - per_class[c]) <= 0.01 + 1e-6, (c, ours.per_class, per_class)
+        assert abs(float(ours.per_class[c]) - per_class[c]) <= 0.01 + 1e-6, (
+            c, ours.per_class, per_class)
     assert abs(ours.mean - float(theirs["map_50"])) <= 0.01 + 1e-6
 
 
@@ -170,6 +177,8 @@ def test_agrees_with_torchmetrics_exactly_when_perfect():
     ground_truth = {("v", 1): gt([LEFT, RIGHT], [0, 1])}
     detections = {("v", 1): det([LEFT, RIGHT], [0, 1], [0.9, 0.8])}
     coco = MeanAveragePrecision(iou_thresholds=[0.5])
-    coco.update([dict(boxes=detections[("v", 1)][0], labels=detections[("v", 1)][1], scores=detections[("v", 1)][2])],
+    coco.update([dict(boxes=detections[("v", 1)][0], labels=detections[("v", 1)][1],
+                      scores=detections[("v", 1)][2])],
                 [dict(boxes=ground_truth[("v", 1)][0], labels=ground_truth[("v", 1)][1])])
-    assert float(coco.compute()["map_50"]) == ap(ground_truth, detections, num_classes=2).mean == 1.0
+    assert (float(coco.compute()["map_50"]) == ap(ground_truth, detections, num_classes=2).mean
+            == 1.0)

@@ -103,7 +103,8 @@ def test_unknown_actions_can_be_skipped(label_map, tmp_path):
 
 def test_proposals_and_csv_round_trip(tmp_path):
     path = tmp_path / "proposals.csv"
-    write_ava_csv(path, [("vid", 902, 0.1, 0.2, 0.5, 0.9, 0.99), ("vid", 902, 0.6, 0.1, 0.9, 0.8, 0.5)])
+    write_ava_csv(path,
+                  [("vid", 902, 0.1, 0.2, 0.5, 0.9, 0.99), ("vid", 902, 0.6, 0.1, 0.9, 0.8, 0.5)])
     proposals = read_proposals(path)
     boxes, scores = proposals[("vid", 902.0)]
     assert boxes.shape == (2, 4) and scores.tolist() == pytest.approx([0.99, 0.5])
@@ -115,7 +116,8 @@ def test_proposals_and_csv_round_trip(tmp_path):
 
 def test_segments_csv(tmp_path):
     classes = ["jump", "wave"]
-    path = write(tmp_path, "segments.csv", "video_id,start_s,end_s,label\nv1,1.5,3.0,wave\nv1,4,9,jump\nv2,0,1,jump\n")
+    path = write(tmp_path, "segments.csv",
+                 "video_id,start_s,end_s,label\nv1,1.5,3.0,wave\nv1,4,9,jump\nv2,0,1,jump\n")
     segments = read_segments_csv(path, classes)
     assert segments["v1"][0].tolist() == [[1.5, 3.0], [4.0, 9.0]]
     assert segments["v1"][1].tolist() == [1, 0]
@@ -139,9 +141,11 @@ def test_malformed_segment_rows_name_file_and_line(tmp_path, row, problem):
 
 def test_shard_segments_are_validated_with_their_location():
     classes = ["jump", "wave"]
-    segments, labels = parse_segments([[0.5, 2.0, "wave"], [3, 4, 0]], classes, "train-000000.tar:vid7", duration=5)
+    segments, labels = parse_segments([[0.5, 2.0, "wave"], [3, 4, 0]], classes,
+                                      "train-000000.tar:vid7", duration=5)
     assert segments.tolist() == [[0.5, 2.0], [3.0, 4.0]] and labels.tolist() == [1, 0]
-    with pytest.raises(AnnotationError, match=r"train-000000\.tar:vid7: segments\[1\]: .*ends before it starts"):
+    with pytest.raises(AnnotationError,
+                       match=r"train-000000\.tar:vid7: segments\[1\]: .*ends before it starts"):
         parse_segments([[0.5, 2.0, 1], [4, 3, 0]], classes, "train-000000.tar:vid7")
     with pytest.raises(AnnotationError, match=r"segments\[0\]: label index 2 is outside"):
         parse_segments([[0.5, 2.0, 2]], classes, "s.tar:k")

@@ -9,7 +9,8 @@ import webdataset as wds
 from data_tools.transforms import IMAGENET_MEAN, IMAGENET_STD
 from data_tools.video_io import write_mp4
 from finetune.detection.annotations import AnnotationError, FrameAnnotation
-from finetune.detection.data import AVADataConfig, KeyframeClips, build_keyframe_loader, keyframe_indices
+from finetune.detection.data import (AVADataConfig, KeyframeClips, build_keyframe_loader,
+                                     keyframe_indices)
 
 FPS, NUM_FRAMES, SIZE = 10.0, 40, 64
 
@@ -32,7 +33,8 @@ def frame_levels(video: torch.Tensor) -> list[int]:
 
 def annotation(*boxes, labels=None):
     boxes = torch.tensor(boxes, dtype=torch.float32)
-    labels = torch.tensor(labels) if labels is not None else torch.eye(2, dtype=torch.bool)[: len(boxes)]
+    labels = (torch.tensor(labels) if labels is not None
+              else torch.eye(2, dtype=torch.bool)[: len(boxes)])
     return FrameAnnotation(boxes, labels)
 
 
@@ -43,8 +45,10 @@ def shard(tmp_path_factory):
     path = tmp_path_factory.mktemp("shards") / "det-000000.tar"
     data = indexed_video()
     with wds.TarWriter(str(path)) as writer:
-        writer.write({"__key__": "cut", "mp4": data, "json": json.dumps({"video_id": "movie", "timestamp": 101.5, "source_start": 100.0}).encode()})
-        writer.write({"__key__": "whole", "mp4": data, "json": json.dumps({"video_id": "clip", "timestamps": [0.2, 3]}).encode()})
+        cut = {"video_id": "movie", "timestamp": 101.5, "source_start": 100.0}
+        writer.write({"__key__": "cut", "mp4": data, "json": json.dumps(cut).encode()})
+        writer.write({"__key__": "whole", "mp4": data,
+                      "json": json.dumps({"video_id": "clip", "timestamps": [0.2, 3]}).encode()})
         writer.write({"__key__": "plain", "mp4": data, "json": json.dumps({}).encode()})
     return path
 
@@ -53,10 +57,12 @@ def samples(path):
     return list(wds.WebDataset(str(path), shardshuffle=False))
 
 
-CFG = AVADataConfig(num_frames=4, sampling_rate=3, input_size=32, num_workers=0, batch_size=2, box_jitter=0.0)
+CFG = AVADataConfig(num_frames=4, sampling_rate=3, input_size=32, num_workers=0, batch_size=2,
+                    box_jitter=0.0)
 ANNOTATIONS = {
     ("movie", 101.5): annotation([0.1, 0.1, 0.4, 0.5], labels=[[True, True]]),
-    ("movie", 900.0): annotation([0.1, 0.1, 0.4, 0.5]),  # another cut of the movie: not in this sample
+    # another cut of the movie: not in this sample
+    ("movie", 900.0): annotation([0.1, 0.1, 0.4, 0.5]),
     ("clip", 0.2): annotation([0.5, 0.5, 0.9, 0.9]),
     ("clip", 3.0): annotation([0.0, 0.0, 1.0, 1.0], [0.2, 0.2, 0.3, 0.3]),
     ("plain", 1.0): annotation([0.2, 0.2, 0.6, 0.6]),
@@ -74,7 +80,8 @@ def test_training_examples_are_centred_on_their_keyframes(shard):
     stage = KeyframeClips(CFG, ANNOTATIONS, None, train=True, seed=0)
     examples = {e["key"]: e for s in samples(shard) for e in stage.examples(s, torch.Generator())}
     assert set(examples) == {("movie", 101.5), ("clip", 0.2), ("clip", 3.0), ("plain", 1.0)}
-    assert frame_levels(examples[("movie", 101.5)]["video"]) == [9, 12, 15, 18]  # (101.5 - 100) s x 10 fps
+    # (101.5 - 100) s x 10 fps
+    assert frame_levels(examples[("movie", 101.5)]["video"]) == [9, 12, 15, 18]
     assert frame_levels(examples[("clip", 0.2)]["video"]) == [0, 0, 2, 5]
     assert frame_levels(examples[("clip", 3.0)]["video"]) == [24, 27, 30, 33]
     assert examples[("clip", 0.2)]["video"].shape == (3, 4, 32, 32)
@@ -99,15 +106,18 @@ def test_flipped_clips_flip_their_boxes(shard):
 
 
 def test_evaluation_yields_frames_with_boxes_to_classify(shard):
-    test_boxes = {("clip", 0.2): torch.tensor([[0.1, 0.1, 0.2, 0.2]]), ("clip", 3.0): torch.zeros(0, 4)}
+    test_boxes = {("clip", 0.2): torch.tensor([[0.1, 0.1, 0.2, 0.2]]),
+                  ("clip", 3.0): torch.zeros(0, 4)}
     stage = KeyframeClips(CFG, ANNOTATIONS, test_boxes, train=False, seed=0)
     examples = [e for s in samples(shard) for e in stage.examples(s, torch.Generator())]
     assert [e["key"] for e in examples] == [("clip", 0.2)]
-    assert torch.equal(examples[0]["boxes"], test_boxes[("clip", 0.2)]) and "labels" not in examples[0]
+    assert torch.equal(examples[0]["boxes"], test_boxes[("clip", 0.2)])
+    assert "labels" not in examples[0]
 
 
 def test_loader_batches_across_the_shard(shard):
-    loader, batches = build_keyframe_loader(CFG, str(shard), ANNOTATIONS, True, rank=0, world_size=1, seed=0)
+    loader, batches = build_keyframe_loader(CFG, str(shard), ANNOTATIONS, True, rank=0,
+                                            world_size=1, seed=0)
     # 6 annotated keyframes // batch 2 (the stream resamples the shard: frames outside it,
     # like movie @ 900 s, count towards the epoch but never appear).
     assert batches == 3
@@ -115,7 +125,8 @@ def test_loader_batches_across_the_shard(shard):
     assert len(got) == 3 and got[0]["video"].shape == (2, 3, 4, 32, 32)
     assert got[0]["labels"].shape[0] == sum(b.shape[0] for b in got[0]["boxes"])
     test_boxes = {key: a.boxes for key, a in ANNOTATIONS.items()}
-    loader, _ = build_keyframe_loader(CFG, str(shard), ANNOTATIONS, False, rank=0, world_size=1, seed=0, test_boxes=test_boxes)
+    loader, _ = build_keyframe_loader(CFG, str(shard), ANNOTATIONS, False, rank=0, world_size=1,
+                                      seed=0, test_boxes=test_boxes)
     keys = sorted(tuple(k) for batch in loader for k in batch["key"])
     assert keys == sorted([("movie", 101.5), ("clip", 0.2), ("clip", 3.0), ("plain", 1.0)])
     assert build_keyframe_loader(CFG, str(shard), ANNOTATIONS, False, rank=1, world_size=2, seed=0,
@@ -125,15 +136,20 @@ def test_loader_batches_across_the_shard(shard):
 def test_bad_samples_name_shard_and_key(tmp_path):
     path = tmp_path / "bad-000000.tar"
     with wds.TarWriter(str(path)) as writer:
-        writer.write({"__key__": "late", "mp4": indexed_video(), "json": json.dumps({"video_id": "clip", "timestamp": 30}).encode()})
+        writer.write({"__key__": "late", "mp4": indexed_video(),
+                      "json": json.dumps({"video_id": "clip", "timestamp": 30}).encode()})
         writer.write({"__key__": "nojson", "mp4": b"x"})
-        writer.write({"__key__": "badts", "mp4": b"x", "json": json.dumps({"video_id": "clip", "timestamps": 5}).encode()})
-    annotations = {("clip", 30.0): annotation([0.1, 0.1, 0.2, 0.2]), ("clip", 5.0): annotation([0.1, 0.1, 0.2, 0.2])}
+        writer.write({"__key__": "badts", "mp4": b"x",
+                      "json": json.dumps({"video_id": "clip", "timestamps": 5}).encode()})
+    annotations = {("clip", 30.0): annotation([0.1, 0.1, 0.2, 0.2]),
+                   ("clip", 5.0): annotation([0.1, 0.1, 0.2, 0.2])}
     stage = KeyframeClips(CFG, annotations, None, train=True, seed=0)
     late, nojson, badts = samples(path)
-    with pytest.raises(AnnotationError, match=r"bad-000000\.tar:late: keyframe 30.0 s is outside the clip"):
+    with pytest.raises(AnnotationError,
+                       match=r"bad-000000\.tar:late: keyframe 30.0 s is outside the clip"):
         stage.examples(late, torch.Generator())
-    with pytest.raises(AnnotationError, match=r"bad-000000\.tar:nojson: sample needs \.mp4 and \.json"):
+    with pytest.raises(AnnotationError,
+                       match=r"bad-000000\.tar:nojson: sample needs \.mp4 and \.json"):
         stage.examples(nojson, torch.Generator())
     with pytest.raises(AnnotationError, match=r"badts: timestamps must be numbers"):
         stage.examples(badts, torch.Generator())

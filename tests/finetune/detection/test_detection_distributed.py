@@ -29,13 +29,14 @@ def make_model() -> ActionDetector:
 
 def annotations(num_videos: int) -> dict:
     box = torch.tensor([[0.2, 0.2, 0.7, 0.8]])
-    return {(f"v{i}", 1.0): FrameAnnotation(box, torch.tensor([[True, False]])) for i in range(num_videos)}
+    return {(f"v{i}", 1.0): FrameAnnotation(box, torch.tensor([[True, False]]))
+            for i in range(num_videos)}
 
 
 def scored(shards: list[str], rank: int, world_size: int) -> dict:
     truth = annotations(4)
-    loader, _ = build_keyframe_loader(CFG, "::".join(shards), truth, False, rank, world_size, seed=0,
-                                      test_boxes={k: a.boxes for k, a in truth.items()})
+    loader, _ = build_keyframe_loader(CFG, "::".join(shards), truth, False, rank, world_size,
+                                      seed=0, test_boxes={k: a.boxes for k, a in truth.items()})
     return predict(make_model(), loader, torch.device("cpu"), contextlib.nullcontext)
 
 
@@ -47,7 +48,8 @@ def worker(rank: int, port: int, shards: list[str], out_dir: str) -> None:
         local = scored(shards, rank, 2)
         merged = gather_to_main(local)
         metrics = _broadcast({"keys": len(merged)} if rank == 0 else {})
-        summary = {"local": sorted(map(list, local)), "merged": {f"{k[0]}@{k[1]}": s.tolist() for k, (_, s) in merged.items()},
+        summary = {"local": sorted(map(list, local)),
+                   "merged": {f"{k[0]}@{k[1]}": s.tolist() for k, (_, s) in merged.items()},
                    "metrics": metrics}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(summary, f)
@@ -65,17 +67,19 @@ def two_shards(tmp_path_factory):
         with wds.TarWriter(str(path)) as writer:
             for i in (2 * shard, 2 * shard + 1):
                 frames = rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
+                meta = {"video_id": f"v{i}", "timestamps": [1]}
                 writer.write({"__key__": f"v{i}", "mp4": write_mp4(frames, 8.0),
-                              "json": json.dumps({"video_id": f"v{i}", "timestamps": [1]}).encode()})
+                              "json": json.dumps(meta).encode()})
         paths.append(str(path))
     return paths
 
 
 def test_two_ranks_score_disjoint_shards_and_gather_everything(two_shards, tmp_path):
-    torch.multiprocessing.start_processes(worker, args=(free_port(), two_shards, str(tmp_path)), nprocs=2,
-                                          start_method="fork")
+    torch.multiprocessing.start_processes(worker, args=(free_port(), two_shards, str(tmp_path)),
+                                          nprocs=2, start_method="fork")
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
-    assert rank0["local"] == [["v0", 1.0], ["v1", 1.0]] and rank1["local"] == [["v2", 1.0], ["v3", 1.0]]
+    assert rank0["local"] == [["v0", 1.0], ["v1", 1.0]]
+    assert rank1["local"] == [["v2", 1.0], ["v3", 1.0]]
     assert rank1["merged"] == {} and rank0["metrics"] == rank1["metrics"] == {"keys": 4}
     single = {f"{k[0]}@{k[1]}": s.tolist() for k, (_, s) in scored(two_shards, 0, 1).items()}
     assert rank0["merged"].keys() == single.keys()

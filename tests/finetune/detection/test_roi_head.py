@@ -29,7 +29,8 @@ def test_pooling_averages_time_and_takes_the_max_inside_the_box(spot_grid):
 def test_forward_shapes_and_boxes_per_clip():
     head = RoIActionHead(in_dim=8, num_classes=5, dropout=0.0)
     grid = torch.randn(3, 8, 2, 4, 4, requires_grad=True)
-    boxes = [torch.tensor([[0.1, 0.1, 0.5, 0.6]]), torch.zeros(0, 4), torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.9, 0.9]])]
+    boxes = [torch.tensor([[0.1, 0.1, 0.5, 0.6]]), torch.zeros(0, 4),
+             torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.9, 0.9]])]
     logits = head(grid, boxes)
     assert logits.shape == (3, 5)
     # The third box comes from clip 2: its logits depend on clip 2's features only.
@@ -55,12 +56,14 @@ def test_jitter_keeps_boxes_valid_and_close():
 @pytest.mark.parametrize("attention", ["joint", "divided"])
 def test_detector_on_a_video_vit_trains_and_decays_by_layer(attention):
     from models import ModelConfig, build_encoder
-    from runtime.engine import param_groups
+    from runtime.optim import param_groups
 
     torch.manual_seed(0)
-    encoder = build_encoder(ModelConfig(size="micro", img_size=32, patch_size=8, num_frames=4, attention=attention))
+    encoder = build_encoder(
+        ModelConfig(size="micro", img_size=32, patch_size=8, num_frames=4, attention=attention))
     detector = ActionDetector(encoder, RoIActionHead(encoder.embed_dim, num_classes=3, dropout=0.0))
-    boxes = [torch.tensor([[0.0, 0.0, 0.5, 0.5]]), torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])]
+    boxes = [torch.tensor([[0.0, 0.0, 0.5, 0.5]]),
+             torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])]
     logits = detector(torch.randn(2, 3, 4, 32, 32), boxes)
     assert logits.shape == (3, 3)
     logits.sum().backward()

@@ -31,7 +31,8 @@ def test_targets_of_a_hand_made_segment():
     #   offsets (4, 6) / 2 and (6, 4) / 2.
     # Level 2 (stride 4): window (9, 21) clipped to (10, 20) -> point 12 (step 3), reach 8 in
     #   [8, inf): offsets (2, 8) / 4. Point 16 has reach 6: not this level.
-    targets = assign_targets(torch.tensor([[10.0, 20.0]]), torch.tensor([1]), num_classes=2, lengths=[32, 16, 8])
+    targets = assign_targets(torch.tensor([[10.0, 20.0]]), torch.tensor([1]), num_classes=2,
+                             lengths=[32, 16, 8])
     positives = [torch.nonzero(cls.sum(1)).squeeze(1).tolist() for cls, _ in targets]
     assert positives == [[], [7, 8], [3]]
     assert targets[1][0][7].tolist() == [0.0, 1.0]
@@ -53,7 +54,8 @@ def test_diou_loss_1d():
     same = torch.tensor([[1.0, 2.0]])
     assert diou_loss_1d(same, same).item() == pytest.approx(0.0)
     # Disjoint (2, 0) vs (0, 2): IoU 0, centres 2 apart, enclosing length 4 -> 1 + (2/4)^2.
-    assert diou_loss_1d(torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])).item() == pytest.approx(1.25)
+    loss = diou_loss_1d(torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]]))
+    assert loss.item() == pytest.approx(1.25)
     # The IoU part equals the IoU of the absolute segments around a common point.
     pred, target = torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 1.0]])
     iou = segment_iou(torch.tensor([[-1.0, 3.0]]), torch.tensor([[-2.0, 1.0]])).item()

@@ -9,7 +9,8 @@ from finetune.detection.tad_metric import THUMOS_TIOU_THRESHOLDS, segment_mean_a
 
 
 def gt(segments, labels):
-    return torch.tensor(segments, dtype=torch.float32).reshape(-1, 2), torch.tensor(labels, dtype=torch.long)
+    return (torch.tensor(segments, dtype=torch.float32).reshape(-1, 2),
+            torch.tensor(labels, dtype=torch.long))
 
 
 def pred(segments, labels, scores):
@@ -21,16 +22,19 @@ def evaluate(ground_truth, predictions, num_classes=1):
 
 
 def test_segment_iou():
-    iou = segment_iou(torch.tensor([[0.0, 10.0], [5.0, 5.0]]), torch.tensor([[5.0, 15.0], [20.0, 30.0]]))
+    iou = segment_iou(torch.tensor([[0.0, 10.0], [5.0, 5.0]]),
+                      torch.tensor([[5.0, 15.0], [20.0, 30.0]]))
     assert torch.allclose(iou, torch.tensor([[5 / 15, 0.0], [0.0, 0.0]]))
 
 
 def test_perfect_predictions():
     ground_truth = {"a": gt([[0, 10], [20, 30]], [0, 1]), "b": gt([[3, 4]], [0])}
-    predictions = {"a": pred([[20, 30], [0, 10]], [1, 0], [0.5, 0.4]), "b": pred([[3, 4]], [0], [0.1])}
+    predictions = {"a": pred([[20, 30], [0, 10]], [1, 0], [0.5, 0.4]),
+                   "b": pred([[3, 4]], [0], [0.1])}
     result = evaluate(ground_truth, predictions, num_classes=2)
     assert result.mean_per_threshold == pytest.approx([1.0] * 5)
-    assert result.as_dict() == pytest.approx({**{f"mAP@{t:g}": 1.0 for t in THUMOS_TIOU_THRESHOLDS}, "average_mAP": 1.0})
+    assert result.as_dict() == pytest.approx({**{f"mAP@{t:g}": 1.0 for t in THUMOS_TIOU_THRESHOLDS},
+                                              "average_mAP": 1.0})
 
 
 def test_half_right():

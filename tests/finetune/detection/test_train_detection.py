@@ -28,7 +28,8 @@ def demo(tmp_path_factory):
 
 def test_ava_head_beats_the_class_prior_baseline(demo):
     _, metrics = demo
-    assert metrics["ava/frame_mAP@0.5"] >= metrics["ava/prior_baseline_frame_mAP@0.5"] + 0.10, metrics
+    assert (metrics["ava/frame_mAP@0.5"]
+            >= metrics["ava/prior_baseline_frame_mAP@0.5"] + 0.10), metrics
 
 
 def test_ava_run_writes_its_outputs(demo):
@@ -37,7 +38,8 @@ def test_ava_run_writes_its_outputs(demo):
     results = json.loads((run / "results.json").read_text())
     assert results["frame_mAP@0.5"] == pytest.approx(metrics["ava/frame_mAP@0.5"])
     assert {k for k in results if k.startswith("AP@0.5/")} == {
-        "AP@0.5/move_right", "AP@0.5/move_left", "AP@0.5/move_down", "AP@0.5/move_up", "AP@0.5/rotate_cw"}
+        "AP@0.5/move_right", "AP@0.5/move_left", "AP@0.5/move_down", "AP@0.5/move_up",
+        "AP@0.5/rotate_cw"}
     rows = list(csv.reader((run / "detections_val.csv").open()))
     assert rows and all(len(r) == 8 and 1 <= int(r[6]) <= 5 and 0 <= float(r[7]) <= 1 for r in rows)
     assert len(rows) % 5 == 0  # every classified box gets a score per action
@@ -48,18 +50,22 @@ def test_ava_run_writes_its_outputs(demo):
 
 def test_tad_head_beats_the_whole_video_baseline(demo):
     _, metrics = demo
-    assert metrics["tad/average_mAP"] >= metrics["tad/whole_video_baseline_average_mAP"] + 0.15, metrics
+    assert (metrics["tad/average_mAP"]
+            >= metrics["tad/whole_video_baseline_average_mAP"] + 0.15), metrics
 
 
 def test_tad_run_writes_outputs_and_reuses_features(demo):
     root, metrics = demo
     run = root / "tad_run"
-    assert json.loads((run / "results.json").read_text())["average_mAP"] == pytest.approx(metrics["tad/average_mAP"])
+    results = json.loads((run / "results.json").read_text())
+    assert results["average_mAP"] == pytest.approx(metrics["tad/average_mAP"])
     rows = list(csv.reader((run / "detections_val.csv").open()))
-    assert rows and all(float(r[1]) < float(r[2]) and r[3] in ("move_right", "move_left", "grow", "rotate_cw") for r in rows)
+    assert rows and all(float(r[1]) < float(r[2])
+                        and r[3] in ("move_right", "move_left", "grow", "rotate_cw") for r in rows)
     cfg = load_config(TADConfig, run / "config.yaml")
     cache = run / "features" / "train.safetensors"
     stamp = cache.stat().st_mtime_ns
-    videos = cached_features(None, cfg, "train", cfg.data.train_shards, "cpu")  # no encoder needed: cached
+    # no encoder needed: cached
+    videos = cached_features(None, cfg, "train", cfg.data.train_shards, "cpu")
     assert cache.stat().st_mtime_ns == stamp and len(videos) == 12
     assert videos[0]["features"].shape == (videos[0]["num_steps"], 64)
