@@ -74,11 +74,11 @@ def _run_build(args) -> int:
 def _add_verify(sub) -> None:
     p = sub.add_parser(
         "verify", help="decode-check every sample; exit 1 if anything is broken",
-        description="Read every shard and decode every video with the loader's decoder. "
-                    "Reports corrupt or truncated shards, samples missing .mp4/.json or "
-                    "required json fields, undecodable videos, frame counts/sizes that differ from the json, "
-                    "duplicate keys and sample counts that differ from the manifest. "
-                    "Exits 1 when any problem is found.")
+        description="Read every shard and decode every video with the loader's decoder. Reports "
+                    "corrupt or truncated shards, samples missing .mp4/.json or required json "
+                    "fields, undecodable videos, frame counts/sizes that differ from the json, "
+                    "duplicate keys and sample counts that differ from the manifest. Exits 1 when "
+                    "any problem is found.")
     p.add_argument("shards", help="shard-set folder, manifest.json, glob or brace pattern")
     p.add_argument("--no-decode", action="store_true", help="check tar structure and json only")
     p.add_argument("--backend", choices=("auto", "decord", "pyav"), default="auto",
@@ -114,7 +114,8 @@ def _run_inspect(args) -> int:
 
 
 _DEMO_CLI_FIELDS = ("seed", "canvas_size", "num_frames", "fps", "gop", "train_per_class",
-                    "val_per_class", "jitter", "background", "max_distractors", "shard_max_count")
+                    "val_per_class", "jitter", "background", "pan", "zoom", "digit_scale",
+                    "max_distractors", "shard_max_count")
 
 
 def _add_demo(sub) -> None:

@@ -41,9 +41,17 @@ FINETUNE_ATTENTIONS = ("space_only", "joint", "divided")
 SCRATCH_ATTENTION = "joint"  # also fine-tuned from random initialisation, the control
 PROBES = {  # stage name -> (kind, encoder): pretrained or random init ("")
     "probe_pretrained": ("linear", "pretrained"), "probe_random": ("linear", "random"),
-    "attentive_pretrained": ("attentive", "pretrained"), "attentive_random": ("attentive", "random"),
+    "attentive_pretrained": ("attentive", "pretrained"),
+    "attentive_random": ("attentive", "random"),
 }
 ATTENTIVE_OVERRIDES = ("probe.kind=attentive", "probe.weight_decay=0.01", "probe.epochs=20")
+DETECTION_ENCODERS = {"pretrained": "pretrained", "random": "random init"}
+DETECTION_ROWS = (  # (results key, metric, what the row measures)
+    ("ava/frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "encoder fine-tuned with the RoI head"),
+    ("ava/prior_baseline_frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "baseline: class priors"),
+    ("tad/average_mAP", "temporal mAP@[0.3:0.7] %", "frozen encoder, trained 1-D head"),
+    ("tad/whole_video_baseline_average_mAP", "temporal mAP@[0.3:0.7] %", "baseline: whole video"),
+)
 STAGE_DIRS = ("data", "pretrain", "detection", *PROBES, f"finetune_{SCRATCH_ATTENTION}_random",
               *(f"finetune_{a}" for a in FINETUNE_ATTENTIONS))
 
@@ -52,42 +60,43 @@ def _config(cls, name: str, overrides: list[str]):
     return load_config(cls, ROOT / "configs" / name, overrides)
 
 
-def build_data(out: Path, quick: bool) -> Path:
+def build_data(out: Path, quick: bool, seed: int) -> Path:
     from data_tools.demo import DemoConfig, generate_demo
 
     data_dir = out / "data"
-    cfg = DemoConfig(train_per_class=16, val_per_class=8) if quick else DemoConfig()
+    cfg = DemoConfig(seed=seed, **(dict(train_per_class=16, val_per_class=8) if quick else {}))
     generate_demo(data_dir, cfg, workers=2, overwrite=True)
     return data_dir
 
 
-def pretrain(out: Path, data_dir: Path, quick: bool) -> dict:
+def pretrain(out: Path, data_dir: Path, quick: bool, seed: int) -> dict:
     from pretrain.config import PretrainConfig
     from pretrain.train import train
 
     overrides = [f"out_dir={out / 'pretrain'}", f"data.shards={data_dir / 'train'}",
-                 "checkpoint.resume=auto"]
+                 "checkpoint.resume=auto", f"seed={seed}"]
     if quick:
         overrides.append("optim.epochs=3")
     return train(_config(PretrainConfig, "pretrain/demo_tiny.yaml", overrides))
 
 
-def probe(out: Path, data_dir: Path, weights: str, name: str, kind: str) -> dict:
+def probe(out: Path, data_dir: Path, weights: str, name: str, kind: str, seed: int) -> dict:
     from finetune.config import ProbeConfig
     from finetune.probe import run
 
     cfg = _config(ProbeConfig, "finetune/probe_demo.yaml", [
         f"weights={weights}", f"out_dir={out / name}", f"data.shards={data_dir / 'train'}",
+        f"seed={seed}",
         f"val.shards={data_dir / 'val'}", *(ATTENTIVE_OVERRIDES if kind == "attentive" else ())])
     return run(cfg)
 
 
 def finetune(out: Path, data_dir: Path, weights: str, attention: str, quick: bool,
-             name: str) -> dict:
+             name: str, seed: int) -> dict:
     from finetune.config import FinetuneConfig
     from finetune.train import run
 
-    overrides = [f"model.attention={attention}", f"pretrained={weights}",
+    overrides = [f"model.attention={attention}", f"pretrained={weights}", f"seed={seed}",
                  f"out_dir={out / name}", f"data.shards={data_dir / 'train'}",
                  f"val.shards={data_dir / 'val'}"]
     if quick:
@@ -95,11 +104,19 @@ def finetune(out: Path, data_dir: Path, weights: str, attention: str, quick: boo
     return run(_config(FinetuneConfig, "finetune/demo_joint.yaml", overrides))
 
 
-def detection(out: Path, quick: bool) -> dict:
+def detection(out: Path, quick: bool, seed: int, weights: str, name: str) -> dict:
+    """Both detection demos with the encoder from ``weights`` (a pretraining run folder, or
+    "" for random initialisation). The detection configs share the pretraining demo's
+    patch (8), tubelet (1) and position tables, so the pretrained encoder loads as it is;
+    only frames and image size differ (fixed sinusoid tables follow the grid)."""
     from finetune.detection.demo import run_detection_demo
+    from finetune.train import resolve_weights
 
-    return run_detection_demo(out / "detection", ava_overrides=["optim.epochs=4"] if quick else [],
-                              tad_overrides=["epochs=6"] if quick else [])
+    encoder = [f"weights={resolve_weights(weights)}"] if weights else []
+    return run_detection_demo(
+        out / "detection", run_suffix=name,
+        ava_overrides=[f"seed={seed}", *encoder, *(["optim.epochs=4"] if quick else [])],
+        tad_overrides=[f"seed={seed}", *encoder, *(["epochs=6"] if quick else [])])
 
 
 def _timed(name: str, fn: Callable[[], dict], timings: dict) -> dict:
@@ -111,48 +128,57 @@ def _timed(name: str, fn: Callable[[], dict], timings: dict) -> dict:
     return result
 
 
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * float(value):.1f}"
+def result_rows(results: dict) -> list[dict]:
+    """The figures of a demo run as rows ``{"stage", "encoder", "metric", "value"}``: losses as
+    they are, accuracies and mAPs in percent; a figure the run did not compute is None."""
+    def pct(value):
+        return None if value is None else 100 * float(value)
+
+    rows = []
+    if "pretrain" in results:
+        run = results["pretrain"]
+        rows.append(("pretraining", "VideoMAE, tube masking", "reconstruction loss (last steps)",
+                     run.get("loss")))
+        rows.append(("pretraining", "baseline: predicting zeros (each patch's mean)",
+                     "reconstruction loss (same clips)", run.get("zero_pred_loss")))
+        if run.get("loss") is not None and run.get("zero_pred_loss"):
+            rows.append(("pretraining", "loss / baseline", "ratio",
+                         float(run["loss"]) / float(run["zero_pred_loss"])))
+    for name, (kind, encoder) in PROBES.items():
+        if name in results:
+            label = "pretrained (VideoMAE)" if encoder == "pretrained" else "random init"
+            rows.append((f"{kind} probe", label, "val top-1 %", pct(results[name]["top1"])))
+    for attention in FINETUNE_ATTENTIONS:
+        key = f"finetune_{attention}"
+        if key in results:
+            rows.append(("fine-tune", f"{attention}, pretrained", "val top-1 %",
+                         pct(results[key]["top1"])))
+    key = f"finetune_{SCRATCH_ATTENTION}_random"
+    if key in results:
+        rows.append(("fine-tune", f"{SCRATCH_ATTENTION}, random init", "val top-1 %",
+                     pct(results[key]["top1"])))
+    for name, source in DETECTION_ENCODERS.items():
+        detection = results.get(f"detection_{name}", {})
+        for key, metric, what in DETECTION_ROWS:
+            if key in detection and ("baseline" not in what or name == "pretrained"):
+                label = what if "baseline" in what else f"{what}, {source}"
+                rows.append(("detection", label, metric, pct(detection[key])))
+    if results.get("chance") is not None:
+        rows.append(("(chance)", "", "top-1 %", pct(results["chance"])))
+    return [dict(zip(("stage", "encoder", "metric", "value"), row)) for row in rows]
 
 
-def _loss(value) -> str:
-    return "n/a" if value is None else f"{float(value):.4f}"
+def format_value(metric: str, value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{float(value):.4f}" if "%" not in metric else f"{float(value):.1f}"
 
 
 def results_table(results: dict) -> str:
     """Markdown table of the figures computed in this run."""
-    chance = results.get("chance")
     lines = ["| stage | encoder | metric | value |", "| --- | --- | --- | --- |"]
-    if "pretrain" in results:
-        run = results["pretrain"]
-        lines.append(f"| pretraining | VideoMAE, tube masking | reconstruction loss (last steps) | "
-                     f"{_loss(run.get('loss'))} |")
-        lines.append(f"| pretraining | baseline: predicting zeros (each patch's mean) | "
-                     f"reconstruction loss (same clips) | {_loss(run.get('zero_pred_loss'))} |")
-    for name, (kind, encoder) in PROBES.items():
-        if name in results:
-            label = "pretrained (VideoMAE)" if encoder == "pretrained" else "random init"
-            lines.append(f"| {kind} probe | {label} | val top-1 % | {_pct(results[name]['top1'])} |")
-    for attention in FINETUNE_ATTENTIONS:
-        key = f"finetune_{attention}"
-        if key in results:
-            lines.append(f"| fine-tune | {attention}, pretrained | val top-1 % | "
-                         f"{_pct(results[key]['top1'])} |")
-    key = f"finetune_{SCRATCH_ATTENTION}_random"
-    if key in results:
-        lines.append(f"| fine-tune | {SCRATCH_ATTENTION}, random init | val top-1 % | "
-                     f"{_pct(results[key]['top1'])} |")
-    detection = results.get("detection", {})
-    for key, label, encoder in (
-            ("ava/frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "joint, random init, fine-tuned"),
-            ("ava/prior_baseline_frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "baseline: class priors"),
-            ("tad/average_mAP", "temporal mAP@[0.3:0.7] %", "frozen random-init encoder"),
-            ("tad/whole_video_baseline_average_mAP", "temporal mAP@[0.3:0.7] %",
-             "baseline: whole video")):
-        if key in detection:
-            lines.append(f"| detection | {encoder} | {label} | {_pct(detection[key])} |")
-    if chance is not None:
-        lines.append(f"| (chance) | | top-1 % | {_pct(chance)} |")
+    lines += [f"| {r['stage']} | {r['encoder']} | {r['metric']} | "
+              f"{format_value(r['metric'], r['value'])} |" for r in result_rows(results)]
     return "\n".join(lines)
 
 
@@ -161,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="folder for every stage's outputs")
     parser.add_argument("--quick", action="store_true",
-                        help="a much smaller, much faster run (a smoke test, not meaningful figures)")
+                        help="a much smaller, much faster run (a smoke test, not meaningful "
+                             "figures)")
     parser.add_argument("--skip-detection", action="store_true", help="skip stage 5")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds every stage: the demo data, model inits, data order")
     args = parser.parse_args(argv)
 
     init_distributed()
@@ -174,29 +203,37 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     results: dict = {}
 
-    data_dir = _timed("data", lambda: {"dir": str(build_data(out, args.quick))}, timings)["dir"]
+    data_dir = _timed("data", lambda: {"dir": str(build_data(out, args.quick, args.seed))},
+                      timings)["dir"]
     data_dir = Path(data_dir)
     num_classes = len((data_dir / "classes.txt").read_text().split())
     results["chance"] = 1.0 / num_classes
-    run = _timed("pretrain", lambda: pretrain(out, data_dir, args.quick), timings)
+    run = _timed("pretrain", lambda: pretrain(out, data_dir, args.quick, args.seed), timings)
     results["pretrain"] = run
     weights = run["out_dir"]
     for name, (kind, encoder) in PROBES.items():
         source = weights if encoder == "pretrained" else ""
         results[name] = _timed(f"{kind} probe ({encoder})",
-                               lambda: probe(out, data_dir, source, name, kind), timings)
+                               lambda: probe(out, data_dir, source, name, kind, args.seed), timings)
     for attention in FINETUNE_ATTENTIONS:
         name = f"finetune_{attention}"
         results[name] = _timed(f"finetune ({attention}, pretrained)",
-                               lambda: finetune(out, data_dir, weights, attention, args.quick, name),
+                               lambda: finetune(out, data_dir, weights, attention, args.quick,
+                                                name, args.seed),
                                timings)
     name = f"finetune_{SCRATCH_ATTENTION}_random"
     results[name] = _timed(f"finetune ({SCRATCH_ATTENTION}, random init)",
-                           lambda: finetune(out, data_dir, "", SCRATCH_ATTENTION, args.quick, name),
+                           lambda: finetune(out, data_dir, "", SCRATCH_ATTENTION, args.quick,
+                                            name, args.seed),
                            timings)
     if not args.skip_detection:
-        results["detection"] = _timed("detection", lambda: detection(out, args.quick), timings)
+        for name, source in DETECTION_ENCODERS.items():
+            encoder = weights if source == "pretrained" else ""
+            results[f"detection_{name}"] = _timed(
+                f"detection ({source})",
+                lambda: detection(out, args.quick, args.seed, encoder, name), timings)
     results["seconds"] = timings
+    results["seed"] = args.seed
 
     table = results_table(results)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))

@@ -21,11 +21,13 @@ class VideoMAEDecoder(nn.Module):
     applied only to the last ``num_predict`` tokens (the ones to reconstruct)."""
 
     def __init__(self, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, patch_dim: int,
-                 drop_path_rate: float = 0.0, init_values: float = 0.0, grad_checkpointing: bool = False):
+                 drop_path_rate: float = 0.0, init_values: float = 0.0,
+                 grad_checkpointing: bool = False):
         super().__init__()
         drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, drop_path[i], init_values)
-                                    for i in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, drop_path[i], init_values)
+            for i in range(depth))
         self.norm = layer_norm(embed_dim)
         self.head = nn.Linear(embed_dim, patch_dim)
         self.grad_checkpointing = grad_checkpointing
@@ -52,9 +54,11 @@ class VideoMAEPretrain(nn.Module):
         dec = cfg.decoder_dims()
         self.encoder_to_decoder = nn.Linear(self.encoder.embed_dim, dec.embed_dim, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec.embed_dim))
-        self.decoder_pos_embed = PositionEmbedding(cfg.pos_embed, cfg.grid, dec.embed_dim, cfg.pos_embed_grid or None)
-        self.decoder = VideoMAEDecoder(dec.embed_dim, dec.depth, dec.num_heads, dec.mlp_ratio, cfg.patch_dim,
-                                       cfg.drop_path_rate, cfg.layer_scale_init, cfg.grad_checkpointing)
+        self.decoder_pos_embed = PositionEmbedding(cfg.pos_embed, cfg.grid, dec.embed_dim,
+                                                   cfg.pos_embed_grid or None)
+        self.decoder = VideoMAEDecoder(dec.embed_dim, dec.depth, dec.num_heads, dec.mlp_ratio,
+                                       cfg.patch_dim, cfg.drop_path_rate, cfg.layer_scale_init,
+                                       cfg.grad_checkpointing)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std), persistent=False)
         self.encoder_to_decoder.apply(init_transformer_weights)
@@ -73,7 +77,8 @@ class VideoMAEPretrain(nn.Module):
     def _pixels(self, patches: torch.Tensor) -> torch.Tensor:
         """Normalised patches ``(B, M, P)`` -> pixels in [0, 1] as ``(B, M, P / C, C)``."""
         b, m, p = patches.shape
-        return patches.reshape(b, m, p // self.cfg.in_chans, self.cfg.in_chans) * self.pixel_std + self.pixel_mean
+        patches = patches.reshape(b, m, p // self.cfg.in_chans, self.cfg.in_chans)
+        return patches * self.pixel_std + self.pixel_mean
 
     def _target_stats(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Mean and scale the target is normalised with, broadcastable to ``(B, M, P / C, C)``."""
@@ -132,11 +137,12 @@ class VideoMAEPretrain(nn.Module):
         b, num_predict = decode_index.shape
         tokens = torch.cat((latent, self.mask_token.expand(b, num_predict, -1)), dim=1)
         # one gather puts every token's decoder position embedding in place
-        tokens = tokens + self.decoder_pos_embed()[0][torch.cat((visible_index, decode_index), dim=1)]
+        order = torch.cat((visible_index, decode_index), dim=1)
+        tokens = tokens + self.decoder_pos_embed()[0][order]
         return self.decoder(tokens, num_predict)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor,
-                decoder_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, decoder_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x (B, C, T, H, W)`` normalised, ``mask (B, N)`` True = hidden from the encoder,
         optional ``decoder_mask (B, N)`` True = not reconstructed (VideoMAE V2 running cell).
 
@@ -149,7 +155,8 @@ class VideoMAEPretrain(nn.Module):
         visible_index, decode_index = self._token_indices(mask, decoder_mask, x.device)
         pred = self.predict(patches, visible_index, decode_index)
         with torch.no_grad():
-            target = self.make_target(patches.gather(1, decode_index[..., None].expand(-1, -1, patches.shape[-1])))
+            target = self.make_target(
+                patches.gather(1, decode_index[..., None].expand(-1, -1, patches.shape[-1])))
         if decoder_mask is None:
             return F.mse_loss(pred, target), pred, target
         # encoder-visible tokens carry no loss (the loader's mask is pinned on CUDA machines)
@@ -159,25 +166,48 @@ class VideoMAEPretrain(nn.Module):
         return loss, pred, target
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Clip ``(B, C, T, H, W)`` in normalised input space: visible tubelets from ``x``, masked
-        ones predicted (a normalised target is mapped back with the true patch statistics, as
-        VideoMAE's visualisation does)."""
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor, stats: str = "visible"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip ``(B, C, T, H, W)`` in normalised input space -> ``(prediction, target)``, two
+        clips in the same space: visible tubelets from ``x``; masked ones the model's prediction
+        or the true reconstruction target, both mapped from target space to pixels with:
+
+        - ``stats="visible"``: one mean and one scale per clip and channel, from the *visible*
+          tubelets only (the mean of their patch means and of their patch standard deviations).
+          A prediction of zeros - a model that learnt nothing - draws flat patches of the
+          visible mean colour, so the picture shows only what the model predicts.
+        - ``stats="true"``: each hidden patch's own mean and std (VideoMAE's visualisation);
+          it draws the true patch mean even for a prediction of zeros, which flatters a model
+          that learnt nothing.
+
+        With ``norm_target="none"`` the prediction is already in pixels and ``stats`` is unused.
+        """
+        if stats not in ("visible", "true"):
+            raise ValueError(f"stats must be 'visible' or 'true', got {stats!r}")
         patches = self._patches(x)
         visible_index, decode_index = self._token_indices(mask, None, x.device)
         pred = self.predict(patches, visible_index, decode_index)
         index = decode_index[..., None].expand(-1, -1, patches.shape[-1])
-        true_pixels = self._pixels(patches.gather(1, index))
-        pred_pixels = pred.reshape(true_pixels.shape)
-        stats = self._target_stats(true_pixels)
-        if stats is not None:
-            pred_pixels = pred_pixels * stats[1] + stats[0]
-        pred_patches = ((pred_pixels - self.pixel_mean) / self.pixel_std).flatten(-2)
-        return self.unpatchify(patches.scatter(1, index, pred_patches))
+        hidden_pixels = self._pixels(patches.gather(1, index))  # (B, Nd, P / C, C)
+        target = self.make_target(patches.gather(1, index)).reshape(hidden_pixels.shape)
+        pred = pred.float().reshape(hidden_pixels.shape)
+        mapping = self._target_stats(hidden_pixels)
+        if mapping is not None and stats == "visible":
+            seen = self._pixels(
+                patches.gather(1, visible_index[..., None].expand(-1, -1, patches.shape[-1])))
+            seen_mean, seen_scale = self._target_stats(seen)
+            mapping = seen_mean.mean(1, keepdim=True), seen_scale.mean(1, keepdim=True)
+        clips = []
+        for values in (pred, target):
+            pixels = values if mapping is None else values * mapping[1] + mapping[0]
+            filled = ((pixels - self.pixel_mean) / self.pixel_std).flatten(-2).to(patches.dtype)
+            clips.append(self.unpatchify(patches.scatter(1, index, filled)))
+        return clips[0], clips[1]
 
     def no_weight_decay(self) -> set[str]:
         names = {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-        return names | {f"decoder_pos_embed.{n}" for n, _ in self.decoder_pos_embed.named_parameters()}
+        return names | {f"decoder_pos_embed.{n}"
+                        for n, _ in self.decoder_pos_embed.named_parameters()}
 
 
 def build_pretrain_model(cfg: ModelConfig) -> VideoMAEPretrain:

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from models import VideoMAEPretrain, build_pretrain_model, encoder_state_dict
-from models.convert import config_metadata
+from models.checkpoint import config_metadata
 from pretrain.config import PretrainConfig
 from pretrain.visualize import save_loss_curve, save_reconstruction_grid
+from runtime.checkpoint import CheckpointManager, DataPosition
 from runtime.dist import init_distributed
-from runtime.engine import CheckpointManager, DataPosition, TrainEngine, create_engine
+from runtime.engine import TrainEngine, create_engine
 from runtime.io import atomic_save_safetensors, atomic_write_text
 from runtime.logging import METRICS_FILE, RunLogger, progress
 from runtime.seed import seed_everything
@@ -83,12 +84,15 @@ def save_reconstruction(engine: TrainEngine, cfg: PretrainConfig, batch: dict, s
     mask = batch["mask"][:k].to(engine.device)
     module.eval()
     with engine.autocast():
-        recon = module.reconstruct(video, mask)
+        prediction, target = module.reconstruct(video, mask, stats="visible")
     module.train()
     m = cfg.model
-    save_reconstruction_grid(video, mask, recon, out_dir / "figures" / f"reconstruction_{step:08d}.png",
+    save_reconstruction_grid(video, mask, prediction,
+                             out_dir / "figures" / f"reconstruction_{step:08d}.png",
                              m.grid, m.tubelet_size, m.patch_size, cfg.data.mean, cfg.data.std,
-                             title=f"step {step}")
+                             title=f"step {step}: hidden tubelets mapped to pixels with the "
+                                   "visible tubelets' colour statistics (a model that learnt "
+                                   "nothing draws flat patches)", target=target)
 
 
 def save_checkpoint(checkpoints: CheckpointManager, engine: TrainEngine, step: int,
@@ -97,7 +101,8 @@ def save_checkpoint(checkpoints: CheckpointManager, engine: TrainEngine, step: i
     export (all ranks)."""
     master = engine.master_state_dict()
     checkpoints.save(engine, step, {"data": asdict(position), "schedule": asdict(engine.schedule)},
-                     exports={ENCODER_EXPORT: lambda path: export_encoder(engine.module, master, path)})
+                     exports={
+                         ENCODER_EXPORT: lambda path: export_encoder(engine.module, master, path)})
 
 
 def check_schedule(saved: dict | None, engine: TrainEngine) -> None:
@@ -150,8 +155,8 @@ def train(cfg: PretrainConfig) -> dict:
                     last = window.summary(engine, env.world_size)
                     run_log.log(step, epoch=position.epoch, **last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}",
-                                    zero_pred=f"{last['zero_pred_loss']:.4f}", lr=f"{last['lr']:.2e}",
-                                    clips_s=f"{last['clips_per_s']:.1f}",
+                                    zero_pred=f"{last['zero_pred_loss']:.4f}",
+                                    lr=f"{last['lr']:.2e}", clips_s=f"{last['clips_per_s']:.1f}",
                                     wait=f"{last['data_wait']:.0%}", refresh=False)
                     window = Window()
                 vis = cfg.log.vis_every_steps

@@ -30,24 +30,30 @@ def to_pixels(video: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     return (video.detach().float().cpu() * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 4, 1)
 
 
-def save_reconstruction_grid(video: torch.Tensor, mask: torch.Tensor, reconstruction: torch.Tensor,
+def save_reconstruction_grid(video: torch.Tensor, mask: torch.Tensor, prediction: torch.Tensor,
                              path: str | Path, grid: tuple[int, int, int], tubelet: int, patch: int,
-                             mean: Sequence[float], std: Sequence[float],
-                             max_frames: int = 8, title: str = "") -> Path:
-    """PNG with three rows per clip: original, masked input (hidden tubelets grey), and
-    reconstruction, for ``max_frames`` evenly spaced frames.
+                             mean: Sequence[float], std: Sequence[float], max_frames: int = 8,
+                             title: str = "", target: torch.Tensor | None = None) -> Path:
+    """PNG with one row per clip and view, for ``max_frames`` evenly spaced frames: the
+    original, the masked input (hidden tubelets grey), the reconstruction target of the
+    hidden tubelets (when ``target`` is given) and the model's prediction of them.
 
-    ``video`` and ``reconstruction`` are normalised ``(B, C, T, H, W)``, ``mask (B, N)``.
+    ``video``, ``prediction`` and ``target`` are normalised ``(B, C, T, H, W)`` clips (see
+    ``VideoMAEPretrain.reconstruct``: with its default ``stats="visible"`` the hidden
+    tubelets of ``target`` and ``prediction`` are drawn with statistics of the visible ones
+    only, so a model that learnt nothing shows flat patches), ``mask (B, N)``.
     """
     original = to_pixels(video, mean, std)
-    recon = to_pixels(reconstruction, mean, std)
     hidden = token_mask_to_pixels(mask.cpu(), grid, tubelet, patch)[..., None]
     masked = torch.where(hidden, torch.full_like(original, 0.5), original)
-    num_clips, num_frames = original.shape[:2]
+    views = [("original", original), ("masked input", masked)]
+    if target is not None:
+        views.append(("target (hidden: normalised)", to_pixels(target, mean, std)))
+    views.append(("prediction (hidden)", to_pixels(prediction, mean, std)))
+    rows = [(f"clip {i}\n{name}", clip[i]) for i in range(original.shape[0])
+            for name, clip in views]
+    num_frames = original.shape[1]
     frames = torch.linspace(0, num_frames - 1, min(max_frames, num_frames)).round().long()
-    rows = [(f"clip {i} {name}", clip) for i in range(num_clips)
-            for name, clip in (("original", original[i]), ("masked", masked[i]),
-                               ("reconstruction", recon[i]))]
     fig, axes = plt.subplots(len(rows), len(frames), squeeze=False,
                              figsize=(1.3 * len(frames), 1.3 * len(rows)))
     for r, (label, clip) in enumerate(rows):

@@ -20,10 +20,13 @@ from runtime.config import load_config
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 
 
-def run_detection_demo(root: str | Path, ava_overrides: Sequence[str] = (), tad_overrides: Sequence[str] = ()) -> dict[str, float]:
+def run_detection_demo(root: str | Path, ava_overrides: Sequence[str] = (),
+                       tad_overrides: Sequence[str] = (), run_suffix: str = "") -> dict[str, float]:
     """Returns ``{"ava/frame_mAP@0.5", "ava/prior_baseline_frame_mAP@0.5", "tad/average_mAP",
     "tad/mAP@0.5", "tad/whole_video_baseline_average_mAP"}``; full results are in
-    ``<root>/ava_run/results.json`` and ``<root>/tad_run/results.json``."""
+    ``<root>/ava_run[_<run_suffix>]/results.json`` and ``<root>/tad_run[_<run_suffix>]/...``
+    (the demo sets under ``<root>/ava`` and ``<root>/tad`` are generated once and shared)."""
+    suffix = f"_{run_suffix}" if run_suffix else ""
     root = Path(root)
     if not (root / "ava" / "demo.json").exists():
         generate_ava_demo(root / "ava")
@@ -31,12 +34,13 @@ def run_detection_demo(root: str | Path, ava_overrides: Sequence[str] = (), tad_
         generate_tad_demo(root / "tad")
     paths = ava_demo_paths(root / "ava")
     ava_cfg = load_config(DetectConfig, CONFIG_DIR / "detect_demo.yaml", [
-        f"out_dir={root / 'ava_run'}", f"data.train_shards={paths.shards['train']}",
-        f"data.val_shards={paths.shards['val']}", f"data.train_annotations={paths.annotations['train']}",
+        f"out_dir={root / f'ava_run{suffix}'}", f"data.train_shards={paths.shards['train']}",
+        f"data.val_shards={paths.shards['val']}",
+        f"data.train_annotations={paths.annotations['train']}",
         f"data.val_annotations={paths.annotations['val']}", f"data.label_map={paths.label_map}",
         f"data.val_proposals={paths.proposals['val']}", *ava_overrides])
     tad_cfg = load_config(TADConfig, CONFIG_DIR / "tad_demo.yaml", [
-        f"out_dir={root / 'tad_run'}", f"data.train_shards={root / 'tad' / 'train'}",
+        f"out_dir={root / f'tad_run{suffix}'}", f"data.train_shards={root / 'tad' / 'train'}",
         f"data.val_shards={root / 'tad' / 'val'}", *tad_overrides])
     ava, tad = run_ava(ava_cfg), run_tad(tad_cfg)
     return {

@@ -25,20 +25,10 @@ from typing import Sequence
 import numpy as np
 
 from data_tools.build import SourceItem, SourceSet, build_shards
-from data_tools.demo import (
-    MOTIONS,
-    SPLITS,
-    Actor,
-    Clutter,
-    Pose,
-    distractor_tracks,
-    load_digit_sprites,
-    make_background,
-    prepare_demo_dir,
-    random_color,
-    render_frame,
-    sprite_pool,
-)
+from data_tools.demo import SPLITS, prepare_demo_dir
+from data_tools.demo_backgrounds import make_background
+from data_tools.demo_render import (MOTIONS, Actor, Clutter, Pose, distractor_tracks,
+                                    load_digit_sprites, random_color, render_frame, sprite_pool)
 from data_tools.video_io import write_mp4
 from finetune.detection.annotations import LabelMap, write_ava_csv
 from runtime.config import help_text
@@ -52,18 +42,25 @@ class AVADemoConfig:
     seed: int = field(default=0, metadata=help_text("seed; same seed, same dataset"))
     canvas_size: int = field(default=64, metadata=help_text("frame height and width (even)"))
     fps: float = field(default=8.0, metadata=help_text("frame rate"))
-    duration_s: int = field(default=3, metadata=help_text("video length; keyframes at 1 .. duration_s - 1 s"))
+    duration_s: int = field(default=3,
+                            metadata=help_text("video length; keyframes at 1 .. duration_s - 1 s"))
     min_actors: int = field(default=2, metadata=help_text("fewest actors per video"))
     max_actors: int = field(default=3, metadata=help_text("most actors per video"))
-    actor_scale: float = field(default=0.7, metadata=help_text("actor size relative to the recognition demo's digits"))
+    actor_scale: float = field(
+        default=0.7, metadata=help_text("actor size relative to the recognition demo's digits"))
     base_motions: tuple[str, ...] = field(
         default=("move_right", "move_left", "move_down", "move_up"),
-        metadata=help_text("motions that set an actor's position and size (one per actor; grow/shrink also work)"))
+        metadata=help_text(
+            "motions that set an actor's position and size (one per actor; grow/shrink also work)"))
     spin_motions: tuple[str, ...] = field(
-        default=("rotate_cw",), metadata=help_text("motions that set the angle (a second label; rotate_ccw also works)"))
-    spin_probability: float = field(default=0.4, metadata=help_text("chance that an actor also spins"))
-    jitter: float = field(default=0.01, metadata=help_text("std of per-frame position jitter (canvas fraction)"))
-    max_distractors: int = field(default=2, metadata=help_text("drifting digit fragments per video (no labels)"))
+        default=("rotate_cw",),
+        metadata=help_text("motions that set the angle (a second label; rotate_ccw also works)"))
+    spin_probability: float = field(default=0.4,
+                                    metadata=help_text("chance that an actor also spins"))
+    jitter: float = field(default=0.01,
+                          metadata=help_text("std of per-frame position jitter (canvas fraction)"))
+    max_distractors: int = field(
+        default=2, metadata=help_text("drifting digit fragments per video (no labels)"))
     train_videos: int = field(default=64, metadata=help_text("training videos"))
     val_videos: int = field(default=16, metadata=help_text("validation videos"))
     gop: int = field(default=8, metadata=help_text("keyframe interval of the H.264 encoding"))
@@ -79,7 +76,8 @@ class AVADemoConfig:
         if unknown:
             raise ValueError(f"unknown motions {unknown}; known: {sorted(MOTIONS)}")
         if not 1 <= self.min_actors <= self.max_actors:
-            raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
+            raise ValueError(
+                f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
         if self.duration_s < 2 or self.canvas_size % 2:
             raise ValueError("duration_s must be >= 2 and canvas_size even")
 
@@ -92,11 +90,15 @@ class TADDemoConfig:
     duration_s: float = field(default=16.0, metadata=help_text("video length in seconds"))
     classes: tuple[str, ...] = field(
         default=("move_right", "move_left", "grow", "rotate_cw"),
-        metadata=help_text("action classes (names in data_tools.demo.MOTIONS)"))
-    action_s: tuple[float, float] = field(default=(2.0, 4.0), metadata=help_text("range of action lengths (s)"))
-    gap_s: tuple[float, float] = field(default=(1.0, 3.0), metadata=help_text("range of idle gaps (s)"))
-    jitter: float = field(default=0.01, metadata=help_text("std of per-frame position jitter (canvas fraction)"))
-    max_distractors: int = field(default=2, metadata=help_text("drifting digit fragments per video"))
+        metadata=help_text("action classes (names in data_tools.demo_render.MOTIONS)"))
+    action_s: tuple[float, float] = field(default=(2.0, 4.0),
+                                          metadata=help_text("range of action lengths (s)"))
+    gap_s: tuple[float, float] = field(default=(1.0, 3.0),
+                                       metadata=help_text("range of idle gaps (s)"))
+    jitter: float = field(default=0.01,
+                          metadata=help_text("std of per-frame position jitter (canvas fraction)"))
+    max_distractors: int = field(default=2,
+                                 metadata=help_text("drifting digit fragments per video"))
     train_videos: int = field(default=12, metadata=help_text("training videos"))
     val_videos: int = field(default=4, metadata=help_text("validation videos"))
     gop: int = field(default=8, metadata=help_text("keyframe interval of the H.264 encoding"))
@@ -108,7 +110,8 @@ class TADDemoConfig:
         if unknown:
             raise ValueError(f"unknown motions {unknown}; known: {sorted(MOTIONS)}")
         if self.duration_s < self.action_s[1] + 2 * self.gap_s[0] or self.canvas_size % 2:
-            raise ValueError("duration_s must hold at least one action and two gaps; canvas_size even")
+            raise ValueError(
+                "duration_s must hold at least one action and two gaps; canvas_size even")
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,8 @@ class _ActorPlan:
         return [self.base] + ([self.spin] if self.spin else [])
 
 
-def _plan_actors(rng: np.random.Generator, cfg: AVADemoConfig, pool: np.ndarray, sprites: np.ndarray) -> list[_ActorPlan]:
+def _plan_actors(rng: np.random.Generator, cfg: AVADemoConfig, pool: np.ndarray,
+                 sprites: np.ndarray) -> list[_ActorPlan]:
     """Actors whose centres stay apart (>= 0.25 canvas) at every sampled time."""
     count = int(rng.integers(cfg.min_actors, cfg.max_actors + 1))
     plans: list[_ActorPlan] = []
@@ -168,7 +172,8 @@ def render_ava_video(rng: np.random.Generator, cfg: AVADemoConfig, split: str):
     sprites, _ = load_digit_sprites()
     pool = sprite_pool(split)
     plans = _plan_actors(rng, cfg, pool, sprites)
-    distractors = distractor_tracks(rng, int(rng.integers(0, cfg.max_distractors + 1)), sprites, pool)
+    distractors = distractor_tracks(rng, int(rng.integers(0, cfg.max_distractors + 1)),
+                                    sprites, pool)
     size = cfg.canvas_size
     background = make_background(rng, size)
     num_frames = int(round(cfg.duration_s * cfg.fps))
@@ -176,22 +181,26 @@ def render_ava_video(rng: np.random.Generator, cfg: AVADemoConfig, split: str):
     frames, actor_boxes, distractor_boxes = [], [], []
     for i in range(num_frames):
         t = i / (num_frames - 1)
-        actors = [Actor(p.sprite, replace(p.pose(t), x=p.pose(t).x + jitter[i, k, 0], y=p.pose(t).y + jitter[i, k, 1]), p.color)
+        actors = [Actor(p.sprite, replace(p.pose(t), x=p.pose(t).x + jitter[i, k, 0],
+                                          y=p.pose(t).y + jitter[i, k, 1]), p.color)
                   for k, p in enumerate(plans)]
         clutter_actors = [d.actor(t) for d in distractors]
         frame, boxes = render_frame(size, actors, Clutter(background, tuple(clutter_actors)))
-        _, fragment_boxes = render_frame(size, clutter_actors)  # where the detector's false alarms go
+        # where the detector's false alarms go
+        _, fragment_boxes = render_frame(size, clutter_actors)
         frames.append(frame)
         actor_boxes.append(boxes / size)
         distractor_boxes.append(fragment_boxes / size)
-    return np.stack(frames), np.stack(actor_boxes), np.stack(distractor_boxes), [p.labels() for p in plans]
+    return np.stack(frames), np.stack(actor_boxes), np.stack(distractor_boxes), [p.labels()
+                                                                                 for p in plans]
 
 
 def ava_demo_paths(root: str | Path) -> AVADemoPaths:
     """The file layout ``generate_ava_demo`` writes under ``root``."""
     root = Path(root)
     return AVADemoPaths(root, root / LABEL_MAP_NAME, {s: root / s for s in SPLITS},
-                        {s: root / f"{s}.csv" for s in SPLITS}, {s: root / f"{s}_proposals.csv" for s in SPLITS})
+                        {s: root / f"{s}.csv" for s in SPLITS},
+                        {s: root / f"{s}_proposals.csv" for s in SPLITS})
 
 
 def _perturb(box: np.ndarray, rng: np.random.Generator, amount: float) -> list[float]:
@@ -202,13 +211,15 @@ def _perturb(box: np.ndarray, rng: np.random.Generator, amount: float) -> list[f
     return [float(x1), float(y1), float(max(x2, x1 + 0.01)), float(max(y2, y1 + 0.01))]
 
 
-def generate_ava_demo(out_dir: str | Path, cfg: AVADemoConfig | None = None, overwrite: bool = False) -> AVADemoPaths:
+def generate_ava_demo(out_dir: str | Path, cfg: AVADemoConfig | None = None,
+                      overwrite: bool = False) -> AVADemoPaths:
     """Write the AVA-style demo under ``out_dir``::
 
         label_map.pbtxt                    action ids 1..K
         videos/<split>/<video_id>.mp4      the videos
         <split>/                           shards (json: video_id, timestamps) + manifest.json
-        <split>.csv                        ground truth: video_id,timestamp,x1,y1,x2,y2,action_id,person_id
+        <split>.csv                        ground truth:
+                                           video_id,timestamp,x1,y1,x2,y2,action_id,person_id
         <split>_proposals.csv              person proposals: video_id,timestamp,x1,y1,x2,y2,score
     """
     cfg = cfg or AVADemoConfig()
@@ -233,18 +244,22 @@ def generate_ava_demo(out_dir: str | Path, cfg: AVADemoConfig | None = None, ove
                 for person, (box, names) in enumerate(zip(boxes[frame], labels)):
                     if np.isnan(box).any():
                         continue
-                    gt_rows += [(video_id, ts, *map(float, box), label_map.action_ids[cfg.classes.index(n)], person)
+                    gt_rows += [(video_id, ts, *map(float, box),
+                                 label_map.action_ids[cfg.classes.index(n)], person)
                                 for n in names]
-                    proposal_rows.append((video_id, ts, *_perturb(box, rng, 0.05), float(rng.uniform(0.85, 1.0))))
+                    proposal_rows.append(
+                        (video_id, ts, *_perturb(box, rng, 0.05), float(rng.uniform(0.85, 1.0))))
                 for box in fragments[frame]:
                     if not np.isnan(box).any():
-                        proposal_rows.append((video_id, ts, *_perturb(box, rng, 0.1), float(rng.uniform(0.3, 0.9))))
+                        proposal_rows.append(
+                            (video_id, ts, *_perturb(box, rng, 0.1), float(rng.uniform(0.3, 0.9))))
             items.append(SourceItem(path, -1, path.relative_to(out).as_posix(),
                                     extra={"video_id": video_id, "timestamps": timestamps}))
         write_ava_csv(paths.annotations[split], gt_rows)
         write_ava_csv(paths.proposals[split], proposal_rows)
-        build_shards(SourceSet(items, list(cfg.classes), str(paths.annotations[split])), paths.shards[split],
-                     prefix=split, max_count=cfg.shard_max_count, shuffle_seed=cfg.seed, overwrite=True, progress=False)
+        build_shards(SourceSet(items, list(cfg.classes), str(paths.annotations[split])),
+                     paths.shards[split], prefix=split, max_count=cfg.shard_max_count,
+                     shuffle_seed=cfg.seed, overwrite=True, progress=False)
     atomic_write_text(out / "demo.json", json.dumps(asdict(cfg), indent=1) + "\n")
     return paths
 
@@ -272,8 +287,10 @@ def render_tad_video(rng: np.random.Generator, cfg: TADDemoConfig, split: str):
     pool = sprite_pool(split)
     segments = _segment_plan(rng, cfg)
     sprite, color = sprites[int(rng.choice(pool))], random_color(rng)
-    params = [MOTIONS[MOTIONS[name].reverse_of or name].sample_params(rng) for _, _, name in segments]
-    distractors = distractor_tracks(rng, int(rng.integers(0, cfg.max_distractors + 1)), sprites, pool)
+    params = [MOTIONS[MOTIONS[name].reverse_of or name].sample_params(rng)
+              for _, _, name in segments]
+    distractors = distractor_tracks(rng, int(rng.integers(0, cfg.max_distractors + 1)),
+                                    sprites, pool)
     background = make_background(rng, cfg.canvas_size)
     num_frames = int(round(cfg.duration_s * cfg.fps))
     jitter = rng.normal(0.0, cfg.jitter, (num_frames, 2))
@@ -281,13 +298,15 @@ def render_tad_video(rng: np.random.Generator, cfg: TADDemoConfig, split: str):
     for i in range(num_frames):
         now = i / cfg.fps
         pose = _pose_at(now, segments, params)
-        actor = Actor(sprite, replace(pose, x=pose.x + jitter[i, 0], y=pose.y + jitter[i, 1]), color)
+        actor = Actor(sprite,
+                      replace(pose, x=pose.x + jitter[i, 0], y=pose.y + jitter[i, 1]), color)
         clutter = Clutter(background, tuple(d.actor(now / cfg.duration_s) for d in distractors))
         frames.append(render_frame(cfg.canvas_size, [actor], clutter)[0])
     return np.stack(frames), segments
 
 
-def _pose_at(now: float, segments: Sequence[tuple[float, float, str]], params: Sequence[dict]) -> Pose:
+def _pose_at(now: float, segments: Sequence[tuple[float, float, str]],
+             params: Sequence[dict]) -> Pose:
     previous = None
     for (start, end, name), p in zip(segments, params):
         if now < start:
@@ -298,7 +317,8 @@ def _pose_at(now: float, segments: Sequence[tuple[float, float, str]], params: S
     return previous or Pose(0.5, 0.5, 0.3)
 
 
-def generate_tad_demo(out_dir: str | Path, cfg: TADDemoConfig | None = None, overwrite: bool = False) -> dict[str, Path]:
+def generate_tad_demo(out_dir: str | Path, cfg: TADDemoConfig | None = None,
+                      overwrite: bool = False) -> dict[str, Path]:
     """Write the untrimmed demo under ``out_dir``: ``classes.txt``, ``videos/<split>/*.mp4``,
     shard sets ``<split>/`` whose json carries ``segments`` and ``<split>_segments.csv``
     (``video_id,start_s,end_s,label``). Returns the shard folders by split."""
@@ -319,10 +339,12 @@ def generate_tad_demo(out_dir: str | Path, cfg: TADDemoConfig | None = None, ove
             path.write_bytes(write_mp4(frames, cfg.fps, cfg.gop, cfg.crf))
             rows += [(video_id, start, end, name) for start, end, name in segments]
             items.append(SourceItem(path, -1, path.relative_to(out).as_posix(), extra={
-                "video_id": video_id, "segments": [[start, end, name] for start, end, name in segments]}))
+                "video_id": video_id,
+                "segments": [[start, end, name] for start, end, name in segments]}))
         write_ava_csv(out / f"{split}_segments.csv", rows)
-        build_shards(SourceSet(items, list(cfg.classes), f"{split}_segments.csv"), out / split, prefix=split,
-                     max_count=cfg.shard_max_count, shuffle_seed=cfg.seed, overwrite=True, progress=False)
+        build_shards(SourceSet(items, list(cfg.classes), f"{split}_segments.csv"), out / split,
+                     prefix=split, max_count=cfg.shard_max_count, shuffle_seed=cfg.seed,
+                     overwrite=True, progress=False)
         shards[split] = out / split
     atomic_write_text(out / "demo.json", json.dumps(asdict(cfg), indent=1) + "\n")
     return shards
@@ -330,22 +352,27 @@ def generate_tad_demo(out_dir: str | Path, cfg: TADDemoConfig | None = None, ove
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m finetune.detection.demo_data {ava,tad} --out DIR [--overwrite] [field=value ...]``"""
+    """``python -m finetune.detection.demo_data {ava,tad} --out DIR [--overwrite]
+    [field=value ...]``"""
     import argparse
 
     from runtime.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m finetune.detection.demo_data", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m finetune.detection.demo_data",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=("ava", "tad"), help="which demo set to write")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing demo set")
-    parser.add_argument("overrides", nargs="*", help="config fields, e.g. train_videos=8 canvas_size=32")
+    parser.add_argument("overrides", nargs="*",
+                        help="config fields, e.g. train_videos=8 canvas_size=32")
     args = parser.parse_intermixed_args(argv)
     if args.task == "ava":
-        generate_ava_demo(args.out, load_config(AVADemoConfig, None, args.overrides), args.overwrite)
+        generate_ava_demo(args.out, load_config(AVADemoConfig, None, args.overrides),
+                          args.overwrite)
     else:
-        generate_tad_demo(args.out, load_config(TADDemoConfig, None, args.overrides), args.overwrite)
+        generate_tad_demo(args.out, load_config(TADDemoConfig, None, args.overrides),
+                          args.overwrite)
 
 
 if __name__ == "__main__":

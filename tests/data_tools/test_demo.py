@@ -12,9 +12,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 from threadpoolctl import threadpool_limits
 
-from data_tools.demo import (DEMO_CLASSES, MOTIONS, Actor, DemoConfig, Pose, Track,
-                             clip_rng, load_digit_sprites, make_background, render_clip,
-                             render_demo_clip, render_frame)
+from data_tools.demo import DemoConfig, clip_rng, render_demo_clip
+from data_tools.demo_backgrounds import make_background
+from data_tools.demo_render import (DEMO_CLASSES, MOTIONS, Actor, Pose, Track, load_digit_sprites,
+                                    render_clip, render_frame)
 from data_tools.manifest import load_manifest
 from data_tools.video_io import keyframe_indices, write_mp4
 from tests.data_tools.build_fixtures import TINY_DEMO_SEED, make_tiny_demo, tiny_demo  # noqa: F401

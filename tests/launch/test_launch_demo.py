@@ -22,7 +22,9 @@ def test_results_table_reports_every_stage_that_ran():
         "pretrain": {"loss": 0.97123, "zero_pred_loss": 0.98437, "out_dir": "x"},
         "finetune_joint": {"top1": 0.5},
         "finetune_joint_random": {"top1": 0.375},
-        "detection": {"tad/average_mAP": 0.3051},
+        "detection_pretrained": {"tad/average_mAP": 0.3051,
+                                 "tad/whole_video_baseline_average_mAP": 0.0},
+        "detection_random": {"tad/average_mAP": 0.2},
     }
     table = demo.results_table(results).splitlines()
     assert table[0].startswith("| stage |")
@@ -34,9 +36,11 @@ def test_results_table_reports_every_stage_that_ran():
     assert ("fine-tune", "joint, pretrained", "val top-1 %", "50.0") in rows
     assert ("fine-tune", "joint, random init", "val top-1 %", "37.5") in rows
     pretraining = [r for r in rows if r[0] == "pretraining"]
-    assert [r[-1] for r in pretraining] == ["0.9712", "0.9844"]
+    assert [r[-1] for r in pretraining] == ["0.9712", "0.9844", "0.9867"]  # loss, zeros, ratio
     assert "predicting zeros" in pretraining[1][1]
-    assert any(r[0] == "detection" and r[-1] == "30.5" for r in rows)
+    detection = [r for r in rows if r[0] == "detection"]
+    assert [(r[1].split(", ")[-1], r[-1]) for r in detection] == [
+        ("pretrained", "30.5"), ("baseline: whole video", "0.0"), ("random init", "20.0")]
     assert ("(chance)", "", "top-1 %", "10.0") in rows
     # stages that did not run get no row
     assert not any(r[1] in ("space_only", "divided") for r in rows)

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from models import (VideoMAEPretrain, VideoViT, encoder_state_dict, load_encoder_weights,
                     load_pretrain_weights)
-from models.convert import main as convert_main, read_state_dict, save_project_checkpoint
+from models.checkpoint import read_state_dict, save_project_checkpoint
+from models.convert import main as convert_main
 from models.pos_embed import resize_spatial, resize_temporal
 
 
@@ -43,15 +44,18 @@ def test_official_pretraining_checkpoint_into_encoder(wrap, pretrained, tiny_cfg
     assert report.source_format == "pretrain" and report.ok
     x = clip(tiny_cfg())
     with torch.no_grad():
-        torch.testing.assert_close(encoder.forward_features(x), pretrained.encoder.forward_features(x))
+        torch.testing.assert_close(encoder.forward_features(x),
+                                   pretrained.encoder.forward_features(x))
 
 
 def test_pretraining_checkpoint_into_classifier_drops_norm_and_adds_head(pretrained, tiny_cfg):
     classifier = VideoViT(tiny_cfg(num_classes=10))
     report = load_encoder_weights(classifier, {"model": pretrained.state_dict()})
     text = str(report)
-    assert "dropped norm.*" in text and "head initialised fresh" in text and "decoder tensors" in text
-    torch.testing.assert_close(classifier.blocks[1].attn.qkv.weight, pretrained.encoder.blocks[1].attn.qkv.weight)
+    assert "dropped norm.*" in text and "head initialised fresh" in text
+    assert "decoder tensors" in text
+    torch.testing.assert_close(classifier.blocks[1].attn.qkv.weight,
+                               pretrained.encoder.blocks[1].attn.qkv.weight)
 
 
 def test_finetuned_checkpoint_with_backbone_prefix(tiny_cfg, clip):
@@ -74,7 +78,8 @@ def test_strict_mismatch_report_is_readable(tiny_cfg):
     assert "unexpected in checkpoint" in message and "blocks.2.attn.qkv.weight" in message
     wider = VideoViT(tiny_cfg(embed_dim=128)).state_dict()
     report = load_encoder_weights(VideoViT(tiny_cfg()), wider, strict=False)
-    assert any(m.startswith("patch_embed.proj.weight (128, 3, 2, 16, 16) vs model (64,") for m in report.mismatched)
+    assert any(m.startswith("patch_embed.proj.weight (128, 3, 2, 16, 16) vs model (64,")
+               for m in report.mismatched)
     with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
         load_encoder_weights(VideoViT(tiny_cfg()), "missing.pth")
 
@@ -109,13 +114,16 @@ def test_joint_loads_into_mixing_and_divided_does_not_load_into_joint(tiny_cfg):
 
 def test_learned_separable_tables_resize_at_load(tiny_cfg, clip):
     small = randomise(VideoViT(tiny_cfg(pos_embed="separable_learned")))  # grid 2 x 2 x 2
-    big = VideoViT(tiny_cfg(pos_embed="separable_learned", num_frames=8, img_size=64))  # grid 4 x 4 x 4
+    # grid 4 x 4 x 4
+    big = VideoViT(tiny_cfg(pos_embed="separable_learned", num_frames=8, img_size=64))
     report = load_encoder_weights(big, small.state_dict())
     assert "resized pos_embed.spatial from 2x2 to 4x4" in report.notes
     assert "resized pos_embed.temporal from 2 to 4 time slices" in report.notes
     src = small.pos_embed
-    torch.testing.assert_close(big.pos_embed.spatial.data, resize_spatial(src.spatial.data, (2, 2), (4, 4)))
-    torch.testing.assert_close(big.pos_embed.temporal.data, resize_temporal(src.temporal.data, 2, 4))
+    torch.testing.assert_close(big.pos_embed.spatial.data,
+                               resize_spatial(src.spatial.data, (2, 2), (4, 4)))
+    torch.testing.assert_close(big.pos_embed.temporal.data,
+                               resize_temporal(src.temporal.data, 2, 4))
     assert big.forward_features(clip(big.cfg, batch=1)).shape == (1, 64, 64)
 
 
@@ -136,8 +144,8 @@ def test_project_pretraining_file_round_trip(pretrained, tiny_cfg, clip, tube_ma
 
 def test_cli_help():
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-m", "models.convert", "--help"], capture_output=True, text=True,
-                            check=True, cwd=root)
+    result = subprocess.run([sys.executable, "-m", "models.convert", "--help"], capture_output=True,
+                            text=True, check=True, cwd=root)
     assert "RuntimeWarning" not in result.stderr
     assert "--to {project,hf}" in result.stdout and "official VideoMAE" in result.stdout
 
@@ -146,14 +154,15 @@ def test_cli_converts_official_checkpoint_to_divided_and_to_hf(pretrained, tmp_p
     src = tmp_path / "official.pth"
     torch.save({"model": pretrained.state_dict()}, src)
     out = tmp_path / "divided_encoder.safetensors"
-    assert convert_main([str(src), str(out), "--kind", "encoder", "--set", "img_size=32", "--set", "num_frames=4",
-                         "--set", "attention=divided"]) == 0
+    assert convert_main([str(src), str(out), "--kind", "encoder", "--set", "img_size=32", "--set",
+                         "num_frames=4", "--set", "attention=divided"]) == 0
     assert "temporal_fc zero" in capsys.readouterr().out
     state = read_state_dict(out)
     assert "blocks.1.temporal_attn.qkv.weight" in state and "decoder.head.weight" not in state
     hf_dir = tmp_path / "hf"
-    assert convert_main([str(src), str(hf_dir), "--to", "hf", "--set", "img_size=32", "--set", "num_frames=4",
-                         "--set", "num_heads=4", "--set", "decoder_num_heads=2"]) == 0
+    assert convert_main([str(src), str(hf_dir), "--to", "hf", "--set", "img_size=32", "--set",
+                         "num_frames=4", "--set", "num_heads=4", "--set",
+                         "decoder_num_heads=2"]) == 0
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["architectures"] == ["VideoMAEForPreTraining"] and config["hidden_size"] == 64
     back = VideoMAEPretrain(pretrained.cfg).eval()
@@ -167,12 +176,38 @@ def test_cli_inflates_a_timm_checkpoint(tmp_path):
 
     from runtime.io import atomic_save_safetensors
 
-    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=4, num_classes=5)
+    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=4,
+                            num_classes=5)
     src = atomic_save_safetensors(vit.state_dict(), tmp_path / "timm_vit.safetensors")
     out = tmp_path / "video.safetensors"
-    assert convert_main([str(src), str(out), "--set", "num_frames=4", "--set", "attention=space_only"]) == 0
+    assert convert_main([str(src), str(out), "--set", "num_frames=4",
+                         "--set", "attention=space_only"]) == 0
     with safe_open(str(out), framework="pt") as handle:
         cfg = json.loads(handle.metadata()["model_config"])
-    assert (cfg["img_size"], cfg["pos_embed"], cfg["final_norm"], cfg["num_classes"]) == (32, "separable_learned",
-                                                                                         "norm", 5)
+    assert ((cfg["img_size"], cfg["pos_embed"], cfg["final_norm"], cfg["num_classes"])
+            == (32, "separable_learned", "norm", 5))
     assert read_state_dict(out)["patch_embed.proj.weight"].shape == (64, 3, 2, 16, 16)
+
+
+def test_tubelet_1_encoder_inflates_into_a_tubelet_2_model():
+    """I3D inflation of the patch embedding: on a clip whose frames repeat in pairs, the
+    tubelet-2 model's tokens equal the tubelet-1 model's tokens of every other frame."""
+    import dataclasses
+
+    from models import ModelConfig, VideoViT, load_encoder_weights
+
+    torch.manual_seed(0)
+    base = ModelConfig(size="micro", img_size=32, patch_size=8, num_frames=4, tubelet_size=1,
+                       pos_embed="separable_sincos")
+    source = VideoViT(base)
+    target = VideoViT(dataclasses.replace(base, num_frames=8, tubelet_size=2))
+    report = load_encoder_weights(target, source.state_dict())
+    assert any("inflated" in note for note in report.notes)
+    x = torch.randn(1, 3, 4, 32, 32)
+    paired = x.repeat_interleave(2, dim=2)  # frames f0 f0 f1 f1 ...
+    with torch.no_grad():
+        torch.testing.assert_close(target.patch_embed(paired), source.patch_embed(x),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not divide"):
+        load_encoder_weights(VideoViT(dataclasses.replace(base, num_frames=6, tubelet_size=3)),
+                             VideoViT(dataclasses.replace(base, tubelet_size=2)).state_dict())

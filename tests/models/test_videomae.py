@@ -10,7 +10,8 @@ from models.config import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _reference_patches(x, tubelet=2, patch=16):
-    """Undo ImageNet normalisation and cut tubelets with explicit loops: (B, N, tubelet*patch*patch, C)."""
+    """Undo ImageNet normalisation and cut tubelets with explicit loops:
+    (B, N, tubelet*patch*patch, C)."""
     mean = torch.tensor(IMAGENET_MEAN)[None, :, None, None, None]
     std = torch.tensor(IMAGENET_STD)[None, :, None, None, None]
     pixels = x * std + mean
@@ -36,7 +37,8 @@ def test_target_matches_reference_on_masked_tokens(norm_target, tiny_cfg, clip, 
         ref = (ref - ref.mean(2, keepdim=True)) / (ref.std(2, keepdim=True) + 1e-6)
     elif norm_target == "patch":  # MAE: whole patch, (var + 1e-6) ** .5
         flat = ref.flatten(2)
-        ref = ((flat - flat.mean(-1, keepdim=True)) / (flat.var(-1, keepdim=True) + 1e-6).sqrt()).reshape(ref.shape)
+        flat = (flat - flat.mean(-1, keepdim=True)) / (flat.var(-1, keepdim=True) + 1e-6).sqrt()
+        ref = flat.reshape(ref.shape)
     expected = ref.flatten(2)[mask].reshape(2, -1, cfg.patch_dim)
     assert pred.shape == target.shape == (2, 4, cfg.patch_dim)  # only the 2 x 2 masked tokens
     torch.testing.assert_close(target, expected, atol=1e-4, rtol=1e-4)
@@ -96,14 +98,17 @@ def test_decoder_mask_errors(tiny_cfg, clip, tube_mask):
 
 
 @pytest.mark.parametrize("norm_target", ["patch_channel", "none"])
-def test_reconstruct_keeps_visible_tubelets_and_fills_masked_ones(norm_target, tiny_cfg, clip, tube_mask):
+def test_reconstruct_with_true_stats_keeps_visible_tubelets_and_fills_masked_ones(
+        norm_target, tiny_cfg, clip, tube_mask):
     cfg = tiny_cfg(norm_target=norm_target)
     model = VideoMAEPretrain(cfg).eval()
     x, mask = clip(cfg), tube_mask(cfg, hidden=2)
-    out = model.reconstruct(x, mask)
-    assert out.shape == x.shape
+    out, target = model.reconstruct(x, mask, stats="true")
+    assert out.shape == target.shape == x.shape
     out_patches, in_patches = model.patchify(out), model.patchify(x)
     torch.testing.assert_close(out_patches[~mask], in_patches[~mask])
+    # with the true statistics the target view is the clip itself
+    torch.testing.assert_close(target, x, atol=1e-4, rtol=1e-4)
     _, pred, _ = model(x, mask)
     ref = _reference_patches(x)[mask].reshape(2, -1, cfg.patch_dim // 3, 3)
     pred = pred.reshape(ref.shape)
@@ -114,13 +119,43 @@ def test_reconstruct_keeps_visible_tubelets_and_fills_masked_ones(norm_target, t
     torch.testing.assert_close(filled, pixels.flatten(2), atol=1e-4, rtol=1e-4)
 
 
+def test_reconstruct_with_visible_stats_draws_a_zero_prediction_flat(tiny_cfg, clip, tube_mask):
+    """The honest view: a model predicting zeros (one that learnt nothing) fills every hidden
+    tubelet with one flat colour per clip - the visible tubelets' mean - while the target view
+    keeps the hidden patches' structure; the true-statistics view would draw each hidden
+    patch's own mean and look like a blurry reconstruction."""
+    cfg = tiny_cfg()
+    model = VideoMAEPretrain(cfg).eval()
+    torch.nn.init.zeros_(model.decoder.head.weight)
+    torch.nn.init.zeros_(model.decoder.head.bias)
+    x, mask = clip(cfg), tube_mask(cfg, hidden=2)
+    pred, target = model.reconstruct(x, mask)
+    hidden_pred = model.patchify(pred)[mask].reshape(2, -1, cfg.patch_dim // 3, 3)
+    visible = _reference_patches(x)[~mask].reshape(2, -1, cfg.patch_dim // 3, 3)
+    colour = (visible.mean(2).mean(1) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(hidden_pred, colour[:, None, None, :].expand_as(hidden_pred),
+                               atol=1e-5, rtol=1e-5)
+    hidden_target = model.patchify(target)[mask].reshape(hidden_pred.shape)
+    assert hidden_target.std(2).mean() > 0.1  # the target view shows structure
+    true_view, _ = model.reconstruct(x, mask, stats="true")  # each hidden patch's own mean
+    hidden = _reference_patches(x)[mask].reshape(hidden_pred.shape)
+    own_mean = ((hidden.mean(2, keepdim=True) - torch.tensor(IMAGENET_MEAN))
+                / torch.tensor(IMAGENET_STD))
+    torch.testing.assert_close(model.patchify(true_view)[mask].reshape(hidden_pred.shape),
+                               own_mean.expand_as(hidden_pred), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="stats"):
+        model.reconstruct(x, mask, stats="oracle")
+
+
 def test_pretrain_model_layout_and_no_weight_decay(tiny_cfg):
     model = VideoMAEPretrain(tiny_cfg(pos_embed="separable_learned"))
     keys = set(model.state_dict())
-    assert {"encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.q_bias", "encoder.norm.weight",
-            "encoder_to_decoder.weight", "mask_token", "decoder.blocks.0.attn.qkv.weight",
-            "decoder.norm.weight", "decoder.head.weight"} <= keys
+    assert {"encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.q_bias",
+            "encoder.norm.weight", "encoder_to_decoder.weight", "mask_token",
+            "decoder.blocks.0.attn.qkv.weight", "decoder.norm.weight",
+            "decoder.head.weight"} <= keys
     assert "encoder_to_decoder.bias" not in keys and "encoder.head.weight" not in keys
-    assert model.no_weight_decay() == {"mask_token", "encoder.pos_embed.spatial", "encoder.pos_embed.temporal",
-                                       "decoder_pos_embed.spatial", "decoder_pos_embed.temporal"}
+    assert model.no_weight_decay() == {"mask_token", "encoder.pos_embed.spatial",
+                                       "encoder.pos_embed.temporal", "decoder_pos_embed.spatial",
+                                       "decoder_pos_embed.temporal"}
     assert model.decoder.head.out_features == 2 * 16 * 16 * 3

@@ -23,7 +23,7 @@ def test_figures_are_png(tmp_path):
     video = torch.randn(2, 3, 4, 16, 16)
     mask = torch.rand(2, 2 * 2 * 2) > 0.5
     path = save_reconstruction_grid(video, mask, video, tmp_path / "grid.png", (2, 2, 2), 2, 8,
-                                    (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+                                    (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), target=video)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with RunLogger(tmp_path, enabled=True, tensorboard=False) as log:
         for step in range(1, 4):
