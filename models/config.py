@@ -58,7 +58,8 @@ class ModelConfig:
     in_chans: int = field(default=3, metadata=help_text("input channels"))
     attention: str = field(default="joint", metadata=help_text(
         "joint (VideoMAE space-time) | divided (TimeSformer temporal then spatial) | "
-        "space_only (within each time slice) | mixing (XViT space-time mixing)"))
+        "space_only (within each time slice, no temporal position code, as TimeSformer) | "
+        "mixing (XViT space-time mixing)"))
     pos_embed: str = field(default="sincos_1d", metadata=help_text(
         "sincos_1d (VideoMAE fixed table over the token index) | separable_sincos | "
         "separable_learned (spatial + temporal tables, as mae_st)"))

@@ -88,6 +88,8 @@ def adapt_encoder_state(state: StateDict, model: VideoViT, report: LoadReport) -
     inflate_tubelet(state, cfg.tubelet_size, report)
     if model.pos_embed.learned:
         report.notes += resize_separable_state(state, "pos_embed.", model.grid)
+        if model.pos_embed.time_invariant and state.pop("pos_embed.temporal", None) is not None:
+            report.notes.append("dropped pos_embed.temporal (space_only has no time code)")
     source_divided = any(".temporal_attn." in k for k in state)
     if cfg.attention == "divided" and not source_divided:
         for i in range(model.depth):

@@ -101,16 +101,23 @@ class PositionEmbedding(nn.Module):
     original); the separable kinds keep ``spatial (1, H'W', D)`` and ``temporal (1, T', D)``
     tables, learned parameters for ``separable_learned`` and fixed buffers otherwise.
     ``source_grid`` builds a fixed table at that grid and resizes it to ``grid``.
+    ``time_invariant`` gives every time slice the same code (no temporal component: the 1-D
+    table's first slice, the spatial table alone), as TimeSformer's space-only model, which
+    has no time embedding: a per-frame model must not learn when a frame was.
     """
 
-    def __init__(self, kind: str, grid: Grid, dim: int, source_grid: Grid | None = None):
+    def __init__(self, kind: str, grid: Grid, dim: int, source_grid: Grid | None = None,
+                 time_invariant: bool = False):
         super().__init__()
         self.kind, self.grid, self.dim = kind, tuple(grid), dim
+        self.time_invariant = time_invariant
         src = tuple(source_grid) if source_grid else self.grid
         t, h, w = self.grid
         if kind == "sincos_1d":
             table = resize_full_table(sincos_1d_table(src[0] * src[1] * src[2], dim),
                                       src, self.grid)
+            if time_invariant:
+                table = table[:, :h * w].repeat(1, t, 1)
             self.register_buffer("table", table, persistent=False)
         elif kind == "separable_sincos":
             spatial = resize_spatial(sincos_spatial_table(src[1], src[2], dim), src[1:], (h, w))
@@ -119,9 +126,10 @@ class PositionEmbedding(nn.Module):
             self.register_buffer("temporal", temporal, persistent=False)
         elif kind == "separable_learned":
             self.spatial = nn.Parameter(torch.zeros(1, h * w, dim))
-            self.temporal = nn.Parameter(torch.zeros(1, t, dim))
             trunc_normal_(self.spatial, std=0.02)
-            trunc_normal_(self.temporal, std=0.02)
+            if not time_invariant:
+                self.temporal = nn.Parameter(torch.zeros(1, t, dim))
+                trunc_normal_(self.temporal, std=0.02)
         else:
             raise ValueError(f"unknown position embedding {kind!r}")
 
@@ -134,11 +142,14 @@ class PositionEmbedding(nn.Module):
         if self.kind == "sincos_1d":
             return self.table
         t = self.grid[0]
-        full = self.temporal[:, :, None, :] + self.spatial[:, None, :, :]  # (1, T', H'W', D)
+        full = self.spatial[:, None, :, :].expand(1, t, -1, -1)  # (1, T', H'W', D)
+        if not self.time_invariant:
+            full = self.temporal[:, :, None, :] + full
         return full.reshape(1, t * self.spatial.shape[1], self.dim)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, grid={self.grid}, dim={self.dim}"
+        extra = ", time_invariant" if self.time_invariant else ""
+        return f"kind={self.kind}, grid={self.grid}, dim={self.dim}{extra}"
 
 
 def resize_separable_state(state: dict, prefix: str, grid: Grid) -> list[str]:

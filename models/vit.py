@@ -64,8 +64,11 @@ class VideoViT(nn.Module):
 
         self.patch_embed = TubeletEmbed(cfg.in_chans, dims.embed_dim, cfg.patch_size,
                                         cfg.tubelet_size)
+        # space_only has no temporal position code (TimeSformer's space-only model has no
+        # time embedding): with one, per-frame tokens plus pooling could still tell frame order
         self.pos_embed = PositionEmbedding(cfg.pos_embed, cfg.grid, dims.embed_dim,
-                                           cfg.pos_embed_grid or None)
+                                           cfg.pos_embed_grid or None,
+                                           time_invariant=cfg.attention == "space_only")
         drop_path = torch.linspace(0, cfg.drop_path_rate, dims.depth).tolist()
         self.blocks = nn.ModuleList(
             build_block(cfg.attention, dims.embed_dim, dims.num_heads, dims.mlp_ratio, drop_path[i],

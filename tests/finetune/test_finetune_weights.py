@@ -33,8 +33,10 @@ def test_joint_checkpoint_becomes_divided_with_zero_temporal_fc(pretrain_checkpo
         torch.testing.assert_close(block.attn.qkv.weight, encoder.blocks[i].attn.qkv.weight)
         assert torch.count_nonzero(block.temporal_fc.weight) == 0
     torch.testing.assert_close(model.patch_embed.proj.weight, encoder.patch_embed.proj.weight)
-    # with temporal_fc at zero the divided model computes what the per-frame model computes
+    # with temporal_fc at zero the divided model computes what per-slice attention with the
+    # same (t, h, w) position code computes (space_only itself has no time code)
     space_only = build_model(tiny_model_cfg(attention="space_only", num_classes=10), str(path))
+    space_only.pos_embed = model.pos_embed
     space_only.head.load_state_dict(model.head.state_dict())
     space_only.fc_norm.load_state_dict(model.fc_norm.state_dict())
     clip = torch.randn(2, 3, 8, 32, 32)

@@ -140,3 +140,24 @@ def test_final_norm_layouts(tiny_cfg):
     assert "fc_norm.weight" in forced.state_dict() and "head.weight" not in forced.state_dict()
     # trunc-normal .02 scaled by 0.001
     assert 0 < abs(with_head.head.weight).max() < 0.001 * 0.02 * 6
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos_1d", "separable_sincos", "separable_learned"])
+def test_space_only_cannot_tell_frame_order_but_joint_can(pos_embed, tiny_cfg, clip):
+    """space_only has no temporal position code (as TimeSformer's space-only model): with
+    mean pooling its logits do not change when the time slices are shuffled. joint (with its
+    time code and attention across slices) does change."""
+    x = clip(tiny_cfg(tubelet_size=1), batch=2)
+    shuffled = x[:, :, [2, 0, 3, 1]]
+    for attention, invariant in (("space_only", True), ("joint", False)):
+        torch.manual_seed(0)
+        model = VideoViT(tiny_cfg(tubelet_size=1, attention=attention, pos_embed=pos_embed,
+                                  num_classes=3)).eval()
+        torch.nn.init.normal_(model.head.weight)  # the default head is near zero
+        with torch.no_grad():
+            logits, logits_shuffled = model(x), model(shuffled)
+        assert logits.abs().mean() > 0.1
+        same = torch.allclose(logits, logits_shuffled, atol=1e-4)
+        assert same == invariant, (attention, pos_embed)
+    assert "pos_embed.temporal" not in VideoViT(tiny_cfg(
+        attention="space_only", pos_embed=pos_embed)).state_dict()
