@@ -156,3 +156,21 @@ def test_background_kinds():
                                  DemoConfig.tiny(background="flat", max_distractors=0))
     corners = frames[:, [0, 0, -1, -1], [0, -1, 0, -1]].reshape(-1, 3)
     assert np.ptp(corners, axis=0).max() == 0  # one colour wherever the digit is not
+
+
+def test_photo_background_is_textured_and_pans():
+    """Bundled photographs seen by a camera: deterministic per seed, textured in most 8x8
+    cells, still without a pan and moving with one."""
+    from data_tools.demo_backgrounds import photo_frames, textured_fraction
+
+    still = photo_frames(np.random.default_rng(3), 32, 6, pan=0.0)
+    assert still.shape == (6, 32, 32, 3) and still.dtype == np.float32
+    assert 0.0 <= still.min() and still.max() <= 1.0
+    np.testing.assert_array_equal(still[0], still[-1])
+    assert textured_fraction(still[0]) >= 0.75
+    moving = photo_frames(np.random.default_rng(4), 32, 6, pan=1.0)
+    np.testing.assert_array_equal(moving, photo_frames(np.random.default_rng(4), 32, 6, pan=1.0))
+    assert np.abs(moving[0] - moving[-1]).mean() > 0.01
+    frames, _ = render_demo_clip("move_right", clip_rng(0, "train", 0),
+                                 DemoConfig.tiny(background="photo"))
+    assert frames.shape == (16, 32, 32, 3)
