@@ -46,11 +46,14 @@ PROBES = {  # stage name -> (kind, encoder): pretrained or random init ("")
 }
 ATTENTIVE_OVERRIDES = ("probe.kind=attentive", "probe.weight_decay=0.01", "probe.epochs=20")
 DETECTION_ENCODERS = {"pretrained": "pretrained", "random": "random init"}
-DETECTION_ROWS = (  # (results key, metric, what the row measures)
-    ("ava/frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "encoder fine-tuned with the RoI head"),
-    ("ava/prior_baseline_frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "baseline: class priors"),
-    ("tad/average_mAP", "temporal mAP@[0.3:0.7] %", "frozen encoder, trained 1-D head"),
-    ("tad/whole_video_baseline_average_mAP", "temporal mAP@[0.3:0.7] %", "baseline: whole video"),
+DETECTION_ROWS = (  # (results key, metric, what the row measures, encoder-free baseline)
+    ("ava/frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "encoder fine-tuned with the RoI head",
+     False),
+    ("ava/prior_baseline_frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "baseline: class priors",
+     True),
+    ("tad/average_mAP", "temporal mAP@[0.3:0.7] %", "frozen encoder, trained 1-D head", False),
+    ("tad/whole_video_baseline_average_mAP", "temporal mAP@[0.3:0.7] %", "baseline: whole video",
+     True),
 )
 STAGE_DIRS = ("data", "pretrain", "detection", *PROBES, f"finetune_{SCRATCH_ATTENTION}_random",
               *(f"finetune_{a}" for a in FINETUNE_ATTENTIONS))
@@ -106,9 +109,10 @@ def finetune(out: Path, data_dir: Path, weights: str, attention: str, quick: boo
 
 def detection(out: Path, quick: bool, seed: int, weights: str, name: str) -> dict:
     """Both detection demos with the encoder from ``weights`` (a pretraining run folder, or
-    "" for random initialisation). The detection configs share the pretraining demo's
-    patch (8), tubelet (1) and position tables, so the pretrained encoder loads as it is;
-    only frames and image size differ (fixed sinusoid tables follow the grid)."""
+    "" for random initialisation). The detection configs share the pretraining demo's patch
+    size (8) and position tables; its tubelet-1 patch embedding is inflated to their tubelet
+    of 2 on loading (``models.loading.inflate_tubelet``), and frames and image size differ
+    (fixed sinusoid tables follow the grid)."""
     from finetune.detection.demo import run_detection_demo
     from finetune.train import resolve_weights
 
@@ -159,9 +163,9 @@ def result_rows(results: dict) -> list[dict]:
                      pct(results[key]["top1"])))
     for name, source in DETECTION_ENCODERS.items():
         detection = results.get(f"detection_{name}", {})
-        for key, metric, what in DETECTION_ROWS:
-            if key in detection and ("baseline" not in what or name == "pretrained"):
-                label = what if "baseline" in what else f"{what}, {source}"
+        for key, metric, what, baseline in DETECTION_ROWS:
+            if key in detection and not (baseline and name != "pretrained"):  # baselines once
+                label = what if baseline else f"{what}, {source}"
                 rows.append(("detection", label, metric, pct(detection[key])))
     if results.get("chance") is not None:
         rows.append(("(chance)", "", "top-1 %", pct(results["chance"])))

@@ -29,6 +29,11 @@ def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
     return x.reshape(b, (t // tubelet) * (h // patch) * (w // patch), tubelet * patch * patch * c)
 
 
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tokens (B, N, P)``, ``index (B, M)`` -> ``(B, M, P)``, each sample's indexed tokens."""
+    return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
 def unpatchify(patches: torch.Tensor, grid: tuple[int, int, int], tubelet: int,
                patch: int) -> torch.Tensor:
     """Inverse of :func:`patchify`: ``(B, N, P)`` -> ``(B, C, T, H, W)``."""

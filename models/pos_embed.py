@@ -121,9 +121,11 @@ class PositionEmbedding(nn.Module):
             self.register_buffer("table", table, persistent=False)
         elif kind == "separable_sincos":
             spatial = resize_spatial(sincos_spatial_table(src[1], src[2], dim), src[1:], (h, w))
-            temporal = resize_temporal(sinusoid_table(torch.arange(src[0]), dim)[None], src[0], t)
             self.register_buffer("spatial", spatial, persistent=False)
-            self.register_buffer("temporal", temporal, persistent=False)
+            if not time_invariant:
+                temporal = resize_temporal(sinusoid_table(torch.arange(src[0]), dim)[None],
+                                           src[0], t)
+                self.register_buffer("temporal", temporal, persistent=False)
         elif kind == "separable_learned":
             self.spatial = nn.Parameter(torch.zeros(1, h * w, dim))
             trunc_normal_(self.spatial, std=0.02)

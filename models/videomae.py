@@ -9,7 +9,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Block, layer_norm, patchify, unpatchify
+from .layers import Block, gather_tokens, layer_norm, patchify, unpatchify
 from .pos_embed import PositionEmbedding
 from .vit import VideoViT, index_to_device, init_transformer_weights, register_model, run_blocks
 
@@ -155,8 +155,7 @@ class VideoMAEPretrain(nn.Module):
         visible_index, decode_index = self._token_indices(mask, decoder_mask, x.device)
         pred = self.predict(patches, visible_index, decode_index)
         with torch.no_grad():
-            target = self.make_target(
-                patches.gather(1, decode_index[..., None].expand(-1, -1, patches.shape[-1])))
+            target = self.make_target(gather_tokens(patches, decode_index))
         if decoder_mask is None:
             return F.mse_loss(pred, target), pred, target
         # encoder-visible tokens carry no loss (the loader's mask is pinned on CUDA machines)
@@ -187,16 +186,16 @@ class VideoMAEPretrain(nn.Module):
         patches = self._patches(x)
         visible_index, decode_index = self._token_indices(mask, None, x.device)
         pred = self.predict(patches, visible_index, decode_index)
-        index = decode_index[..., None].expand(-1, -1, patches.shape[-1])
-        hidden_pixels = self._pixels(patches.gather(1, index))  # (B, Nd, P / C, C)
-        target = self.make_target(patches.gather(1, index)).reshape(hidden_pixels.shape)
+        hidden = gather_tokens(patches, decode_index)
+        hidden_pixels = self._pixels(hidden)  # (B, Nd, P / C, C)
+        target = self.make_target(hidden).reshape(hidden_pixels.shape)
         pred = pred.float().reshape(hidden_pixels.shape)
         mapping = self._target_stats(hidden_pixels)
         if mapping is not None and stats == "visible":
-            seen = self._pixels(
-                patches.gather(1, visible_index[..., None].expand(-1, -1, patches.shape[-1])))
-            seen_mean, seen_scale = self._target_stats(seen)
+            seen_mean, seen_scale = self._target_stats(
+                self._pixels(gather_tokens(patches, visible_index)))
             mapping = seen_mean.mean(1, keepdim=True), seen_scale.mean(1, keepdim=True)
+        index = decode_index[..., None].expand(-1, -1, patches.shape[-1])
         clips = []
         for values in (pred, target):
             pixels = values if mapping is None else values * mapping[1] + mapping[0]

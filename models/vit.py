@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .layers import DividedBlock, TubeletEmbed, build_block, layer_norm, patchify
+from .layers import (DividedBlock, TubeletEmbed, build_block, gather_tokens, layer_norm,
+                     patchify)
 from .pos_embed import PositionEmbedding
 
 
@@ -131,8 +132,7 @@ class VideoViT(nn.Module):
     def embed_visible(self, patches: torch.Tensor, visible_index: torch.Tensor) -> torch.Tensor:
         """:func:`patchify` output ``(B, N, P)`` + visible indices ``(B, Nv)`` -> tokens
         ``(B, Nv, D)`` with position embeddings; hidden tubelets are never projected."""
-        index = visible_index[..., None]
-        visible = patches.gather(1, index.expand(-1, -1, patches.shape[-1]))
+        visible = gather_tokens(patches, visible_index)
         return self.patch_embed.embed_patches(visible) + self.pos_embed()[0][visible_index]
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
