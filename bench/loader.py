@@ -40,10 +40,11 @@ from pathlib import Path
 import psutil  # installed with deepspeed
 import torch
 
-from data_tools.build import ReencodeOptions, SourceItem, SourceSet, build_shards
+from data_tools.build import ReencodeOptions, build_shards
 from data_tools.config import DataConfig
 from data_tools.decode import resolve_backend
 from data_tools.loader import build_loader
+from data_tools.sources import SourceItem, SourceSet
 
 REENCODE_GOP = 16
 
@@ -118,8 +119,9 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(1)
 
     sets = build_sets(Path(args.out))
-    base = DataConfig(num_frames=16, sampling_rate=4, input_size=224, batch_size=args.batch_size,
-                      backend=args.backend, shuffle_buffer=8, mask_type="tube")
+    base = DataConfig(num_frames=16, sampling_rate=4, input_size=224, patch_size=16,
+                      tubelet_size=2, batch_size=args.batch_size, backend=args.backend,
+                      shuffle_buffer=8, mask_type="tube")
     settings = [
         ("(a) source", "source", base),
         ("(a') source+resize", "source", replace(base, short_side=320)),

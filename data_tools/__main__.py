@@ -54,8 +54,8 @@ def _add_build(sub) -> None:
 
 
 def _run_build(args) -> int:
-    from data_tools.build import (ReencodeOptions, build_shards, parse_size, read_classes,
-                                  read_sources)
+    from data_tools.build import ReencodeOptions, build_shards, parse_size
+    from data_tools.sources import read_classes, read_sources
 
     classes = read_classes(args.classes) if args.classes else None
     sources = read_sources(args.source, args.format, args.root, classes)

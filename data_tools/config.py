@@ -1,87 +1,106 @@
 """``DataConfig``: the ``data`` config section, i.e. what ``data_tools.loader.build_loader``
-reads (shards, clip sampling, augmentation, batching, masks), with its validation."""
+reads (shards, clip sampling, augmentation, batching, masks), with its validation.
+
+The clip geometry (``num_frames``, ``input_size``, ``patch_size``, ``tubelet_size``) belongs
+to the model section: a stage config fills it in with
+``data.with_geometry(**model.clip_geometry())`` in its ``resolve()``, so a YAML states it once,
+under ``model:``. A DataConfig built in code passes the four values itself; whatever reads
+them calls ``require_geometry()`` first.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from data_tools import sampling
-from data_tools.decode import BACKENDS
-from data_tools.masking import DECODER_MASK_TYPES, MASK_TYPES
-from data_tools.transforms import IMAGENET_MEAN, IMAGENET_STD
+from data_tools.decode import Backend
+from data_tools.masking import DecoderMaskType, MaskType
+from data_tools.sampling import Sampling
+from runtime.config import check_choices, derived, help_text
+from runtime.constants import IMAGENET_MEAN, IMAGENET_STD
 
-CROPS = ("auto", "multiscale", "random_resized", "center")
-REPEAT_SAMPLINGS = ("shared", "independent")
+# The choices of the fields below. Those whose list lives with the code that uses it (the
+# decoder, the samplers, the mask generators) are a Literal over that module's tuple.
+Crop = Literal["auto", "multiscale", "random_resized", "center"]
+RepeatSampling = Literal["shared", "independent"]
+
+# The clip geometry: each data field and the model section's key it is derived from.
+GEOMETRY_MODEL_KEYS = {"num_frames": "num_frames", "input_size": "img_size",
+                       "patch_size": "patch_size", "tubelet_size": "tubelet_size"}
+
+
+def _geometry_help(text: str, field_name: str) -> dict:
+    return help_text(f"{text}; derived from model.{GEOMETRY_MODEL_KEYS[field_name]} by the stage "
+                     "(leave unset; an old YAML may still set it if it agrees)")
 
 
 @dataclass
 class DataConfig:
-    shards: str = field(default="", metadata={
-        "help": "a manifest.json, a shard-set folder, or shard URLs: a glob or brace pattern "
-                "('train-{000000..000099}.tar'), '::'-separated list, 'pipe:' commands"})
-    num_frames: int = field(default=16, metadata={"help": "frames per clip"})
-    sampling_rate: int = field(default=4, metadata={
-        "help": "frame stride of dense sampling (4 for Kinetics-style, 2 for SSv2-style)"})
-    sampling: str = field(default="dense", metadata={
-        "help": "'dense' (random start, fixed stride) or 'segment' (TSN: one frame per "
-                "segment, as for SSv2 fine-tuning)"})
-    num_test_clips: int = field(default=1, metadata={
-        "help": "clips per video in test_views mode (VideoMAE: 5 for K400, 2 for SSv2)"})
-    num_test_crops: int = field(default=1, metadata={
-        "help": "spatial crops per clip in test_views mode: 1 (centre) or 3"})
-    input_size: int = field(default=224, metadata={"help": "output height and width"})
-    short_side: int = field(default=0, metadata={
-        "help": "resize at decode time so the shorter side has this length (0 = keep)"})
-    backend: str = field(default="auto", metadata={
-        "help": "video decoder: 'auto' (decord if installed, else PyAV), 'decord', 'pyav'"})
-    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN, metadata={
-        "help": "per-channel mean for normalisation (0-1 pixel units)"})
-    std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata={
-        "help": "per-channel std for normalisation (0-1 pixel units)"})
-    batch_size: int = field(default=8, metadata={
-        "help": "clips per batch per rank (repeated clips count individually)"})
-    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes"})
-    shuffle_buffer: int = field(default=200, metadata={
-        "help": "samples held per worker for shuffling in pretrain/train (encoded bytes)"})
-    epoch_samples: int = field(default=0, metadata={
-        "help": "videos per epoch over all ranks in pretrain/train (0 = manifest total)"})
-    repeat: int = field(default=1, metadata={
-        "help": "repeated augmentation: clips sampled and augmented per decoded video "
-                "in pretrain/train (VideoMAE V2 / mae_st use 4)"})
-    repeat_sampling: str = field(default="shared", metadata={
-        "help": "with repeat > 1: 'shared' - the clips share one frame set and differ in "
-                "crop, flip and mask (VideoMAE V2); 'independent' - each clip has its own "
-                "temporal position (mae_st), the union of their frames is decoded (on short "
-                "videos nearly the whole video)"})
-    flip: bool = field(default=False, metadata={
-        "help": "random horizontal flip in pretrain/train (off for direction-sensitive data "
-                "such as SSv2, and in VideoMAE pretraining)"})
-    crop: str = field(default="auto", metadata={
-        "help": "training crop: 'multiscale', 'random_resized', 'center', or 'auto' "
-                "(multiscale for pretrain, random_resized for train)"})
-    max_failure_fraction: float = field(default=0.05, metadata={
-        "help": "stop with an error when more than this fraction of an epoch's samples fail"})
-    seed: int = field(default=0, metadata={"help": "seed of shard resampling, shuffling, "
-                                                   "clip sampling, crops and masks"})
-    mask_type: str = field(default="tube", metadata={
-        "help": "encoder mask in pretrain mode: 'tube', 'random' or 'none'"})
-    mask_ratio: float = field(default=0.9, metadata={"help": "fraction of masked tokens"})
-    decoder_mask_type: str = field(default="none", metadata={
-        "help": "decoder mask in pretrain mode: 'none' or 'running_cell' (VideoMAE V2)"})
-    decoder_mask_ratio: float = field(default=0.5, metadata={
-        "help": "fraction of tokens the decoder does not reconstruct (running_cell)"})
-    tubelet_size: int = field(default=2, metadata={"help": "frames per token"})
-    patch_size: int = field(default=16, metadata={"help": "pixels per token side"})
+    shards: str = field(default="", metadata=help_text(
+        "a manifest.json, a shard-set folder, or shard URLs: a glob or brace pattern "
+        "('train-{000000..000099}.tar'), '::'-separated list, 'pipe:' commands"))
+    num_frames: int | None = field(
+        default=None, metadata=_geometry_help("frames per clip", "num_frames"))
+    sampling_rate: int = field(default=4, metadata=help_text(
+        "frame stride of dense sampling (4 for Kinetics-style, 2 for SSv2-style)"))
+    sampling: Sampling = field(default="dense", metadata=help_text(
+        "'dense' (random start, fixed stride) or 'segment' (TSN: one frame per "
+        "segment, as for SSv2 fine-tuning)"))
+    num_test_clips: int = field(default=1, metadata=help_text(
+        "clips per video in test_views mode (VideoMAE: 5 for K400, 2 for SSv2)"))
+    num_test_crops: int = field(default=1, metadata=help_text(
+        "spatial crops per clip in test_views mode: 1 (centre) or 3"))
+    input_size: int | None = field(
+        default=None, metadata=_geometry_help("output height and width", "input_size"))
+    short_side: int = field(default=0, metadata=help_text(
+        "resize at decode time so the shorter side has this length (0 = keep)"))
+    backend: Backend = field(default="auto", metadata=help_text(
+        "video decoder: 'auto' (decord if installed, else PyAV), 'decord', 'pyav'"))
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN, metadata=help_text(
+        "per-channel mean for normalisation (0-1 pixel units)"))
+    std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata=help_text(
+        "per-channel std for normalisation (0-1 pixel units)"))
+    batch_size: int = field(default=8, metadata=help_text(
+        "clips per batch per rank (repeated clips count individually)"))
+    num_workers: int = field(default=4, metadata=help_text("DataLoader worker processes"))
+    shuffle_buffer: int = field(default=200, metadata=help_text(
+        "samples held per worker for shuffling in pretrain/train (encoded bytes)"))
+    epoch_samples: int = field(default=0, metadata=help_text(
+        "videos per epoch over all ranks in pretrain/train (0 = manifest total)"))
+    repeat: int = field(default=1, metadata=help_text(
+        "repeated augmentation: clips sampled and augmented per decoded video "
+        "in pretrain/train (VideoMAE V2 / mae_st use 4)"))
+    repeat_sampling: RepeatSampling = field(default="shared", metadata=help_text(
+        "with repeat > 1: 'shared' - the clips share one frame set and differ in "
+        "crop, flip and mask (VideoMAE V2); 'independent' - each clip has its own "
+        "temporal position (mae_st), the union of their frames is decoded (on short "
+        "videos nearly the whole video)"))
+    flip: bool = field(default=False, metadata=help_text(
+        "random horizontal flip in pretrain/train (off for direction-sensitive data "
+        "such as SSv2, and in VideoMAE pretraining)"))
+    crop: Crop = field(default="auto", metadata=help_text(
+        "training crop: 'multiscale', 'random_resized', 'center', or 'auto' "
+        "(multiscale for pretrain, random_resized for train)"))
+    max_failure_fraction: float = field(default=0.05, metadata=help_text(
+        "stop with an error when more than this fraction of an epoch's samples fail"))
+    seed: int = field(default=0, metadata=help_text("seed of shard resampling, shuffling, "
+                                                    "clip sampling, crops and masks"))
+    mask_type: MaskType = field(default="tube", metadata=help_text(
+        "encoder mask in pretrain mode: 'tube', 'random' or 'none'"))
+    mask_ratio: float = field(default=0.9, metadata=help_text("fraction of masked tokens"))
+    decoder_mask_type: DecoderMaskType = field(default="none", metadata=help_text(
+        "decoder mask in pretrain mode: 'none' or 'running_cell' (VideoMAE V2)"))
+    decoder_mask_ratio: float = field(default=0.5, metadata=help_text(
+        "fraction of tokens the decoder does not reconstruct (running_cell)"))
+    tubelet_size: int | None = field(
+        default=None, metadata=_geometry_help("frames per token", "tubelet_size"))
+    patch_size: int | None = field(
+        default=None, metadata=_geometry_help("pixels per token side", "patch_size"))
 
     def validate(self) -> None:
-        _choice("sampling", self.sampling, sampling.SAMPLINGS)
-        _choice("backend", self.backend, BACKENDS)
-        _choice("crop", self.crop, CROPS)
-        _choice("repeat_sampling", self.repeat_sampling, REPEAT_SAMPLINGS)
-        _choice("mask_type", self.mask_type, MASK_TYPES)
-        _choice("decoder_mask_type", self.decoder_mask_type, DECODER_MASK_TYPES)
+        check_choices(self, "data")
         for name in ("num_frames", "sampling_rate", "num_test_clips", "input_size",
                      "batch_size", "repeat", "tubelet_size", "patch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("short_side", "num_workers", "shuffle_buffer", "epoch_samples"):
             if getattr(self, name) < 0:
@@ -94,23 +113,36 @@ class DataConfig:
         if not 0.0 <= self.max_failure_fraction <= 1.0:
             raise ValueError(f"data.max_failure_fraction must be in [0, 1], got "
                              f"{self.max_failure_fraction}")
-        if self.num_frames % self.tubelet_size:
-            raise ValueError(f"data.num_frames={self.num_frames} is not a multiple of "
-                             f"tubelet_size={self.tubelet_size}")
-        if self.input_size % self.patch_size:
-            raise ValueError(f"data.input_size={self.input_size} is not a multiple of "
-                             f"patch_size={self.patch_size}")
         if not 0.0 <= self.mask_ratio < 1.0 or not 0.0 < self.decoder_mask_ratio < 1.0:
             raise ValueError(f"data.mask_ratio must be in [0, 1) and decoder_mask_ratio in "
                              f"(0, 1), got {self.mask_ratio}, {self.decoder_mask_ratio}")
 
+    def with_geometry(self, num_frames: int, input_size: int, patch_size: int,
+                      tubelet_size: int) -> DataConfig:
+        """A copy with the clip geometry filled in (from ``ModelConfig.clip_geometry()``).
+
+        A field this config already sets (an old YAML) must agree: another value raises
+        ConfigError (a ValueError) naming both keys and the fix.
+        """
+        geometry = {"num_frames": num_frames, "input_size": input_size,
+                    "patch_size": patch_size, "tubelet_size": tubelet_size}
+        return derived(self, "data", **{name: (f"model.{GEOMETRY_MODEL_KEYS[name]}", value)
+                                        for name, value in geometry.items()})
+
+    def require_geometry(self) -> DataConfig:
+        """``self`` once the clip geometry is set; else a ValueError that says how to set it."""
+        missing = [f"data.{name}" for name in GEOMETRY_MODEL_KEYS if getattr(self, name) is None]
+        if missing:
+            raise ValueError(
+                f"{', '.join(missing)} not set: the clip geometry comes from the model section "
+                "(a stage config fills it in with cfg.resolve(), i.e. "
+                "data.with_geometry(**model.clip_geometry())); a DataConfig built in code "
+                "passes num_frames, input_size, patch_size and tubelet_size")
+        return self
+
     @property
     def token_grid(self) -> tuple[int, int, int]:
         """``(T', H', W')`` of the model's token grid for these clips."""
+        self.require_geometry()
         side = self.input_size // self.patch_size
         return self.num_frames // self.tubelet_size, side, side
-
-
-def _choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"data.{name}={value!r} is not one of {list(choices)}")

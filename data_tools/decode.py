@@ -27,13 +27,18 @@ from __future__ import annotations
 import bisect
 import importlib.util
 import io
-from typing import Protocol, Sequence
+from typing import Literal, Protocol, Sequence, get_args
 
 import numpy as np
 import torch
 import torch.utils.dlpack
 
-BACKENDS = ("auto", "decord", "pyav")
+Backend = Literal["auto", "decord", "pyav"]
+BACKENDS = get_args(Backend)
+# Video container extensions (no dot), the one list: the tar member keys a shard sample's
+# video may have (looked up in this order) and, with a dot, the file suffixes
+# ``data_tools.sources.scan_folder`` picks up.
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "mpg", "mpeg", "flv")
 
 
 class DecodeError(Exception):

@@ -27,10 +27,19 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.demo_backgrounds import BACKGROUNDS, make_background, photo_frames
-from data_tools.demo_render import (DEMO_CLASSES, MOTIONS, Track, distractor_tracks,
-                                    load_digit_sprites, random_color, render_clip, sprite_pool)
+from data_tools.demo_backgrounds import Background, make_background, photo_frames
+from data_tools.demo_render import (
+    DEMO_CLASSES,
+    MOTIONS,
+    Track,
+    distractor_tracks,
+    load_digit_sprites,
+    random_color,
+    render_clip,
+    sprite_pool,
+)
 from data_tools.video_io import write_mp4
+from runtime.config import check_choices, help_text
 
 logger = logging.getLogger(__name__)
 
@@ -40,39 +49,39 @@ logger = logging.getLogger(__name__)
 class DemoConfig:
     """Size and look of the demo action dataset."""
 
-    seed: int = field(default=0, metadata={"help": "seed; same seed, same dataset"})
-    canvas_size: int = field(default=64, metadata={"help": "frame height and width (even)"})
-    num_frames: int = field(default=32, metadata={"help": "frames per clip"})
-    fps: float = field(default=16.0, metadata={"help": "frame rate written in the mp4"})
-    gop: int = field(default=8, metadata={"help": "keyframe interval of the H.264 encoding"})
-    crf: int = field(default=18, metadata={"help": "x264 constant rate factor (lower = better)"})
-    train_per_class: int = field(default=48, metadata={"help": "training clips per class"})
-    val_per_class: int = field(default=16, metadata={"help": "validation clips per class"})
-    jitter: float = field(default=0.03, metadata={
-        "help": "per-frame pose noise of the digit: std of its position (fraction of the "
-                "canvas) and log-scale; the angle's std is jitter * 300 degrees"})
-    grain: float = field(default=0.0, metadata={
-        "help": "amplitude of static per-pixel background noise; VideoMAE's per-patch "
-                "normalised target turns any grain on an empty patch into unpredictable "
-                "unit-variance noise, so the default is no grain"})
-    background: str = field(default="flat", metadata={
-        "help": "photo (a panning camera over a bundled photograph: texture everywhere) | "
-                "flat (one random colour per clip) | smooth (a random colour field); see "
-                "data_tools.demo_backgrounds for why the synthetic fields leave VideoMAE's "
-                "per-patch normalised target nothing to learn beyond the digit"})
-    pan: float = field(default=0.5, metadata={
-        "help": "photo background: the camera travels up to this fraction of the canvas side "
-                "over a clip, in a random direction"})
-    zoom: float = field(default=2.75, metadata={
-        "help": "photo background: photograph pixels per canvas pixel (each clip draws "
-                "0.75x to 1.25x of it); lower = smoother frames, higher = finer texture"})
-    digit_scale: float = field(default=1.0, metadata={
-        "help": "multiplies the digit's size (each motion draws its own size range)"})
-    max_distractors: int = field(default=3, metadata={
-        "help": "up to this many drifting digit-fragment distractors per clip"})
-    shard_max_count: int = field(default=32, metadata={"help": "samples per shard"})
-    classes: tuple[str, ...] = field(default=DEMO_CLASSES, metadata={
-        "help": "motion classes (names in data_tools.demo_render.MOTIONS)"})
+    seed: int = field(default=0, metadata=help_text("seed; same seed, same dataset"))
+    canvas_size: int = field(default=64, metadata=help_text("frame height and width (even)"))
+    num_frames: int = field(default=32, metadata=help_text("frames per clip"))
+    fps: float = field(default=16.0, metadata=help_text("frame rate written in the mp4"))
+    gop: int = field(default=8, metadata=help_text("keyframe interval of the H.264 encoding"))
+    crf: int = field(default=18, metadata=help_text("x264 constant rate factor (lower = better)"))
+    train_per_class: int = field(default=48, metadata=help_text("training clips per class"))
+    val_per_class: int = field(default=16, metadata=help_text("validation clips per class"))
+    jitter: float = field(default=0.03, metadata=help_text(
+        "per-frame pose noise of the digit: std of its position (fraction of the "
+        "canvas) and log-scale; the angle's std is jitter * 300 degrees"))
+    grain: float = field(default=0.0, metadata=help_text(
+        "amplitude of static per-pixel background noise; VideoMAE's per-patch "
+        "normalised target turns any grain on an empty patch into unpredictable "
+        "unit-variance noise, so the default is no grain"))
+    background: Background = field(default="flat", metadata=help_text(
+        "photo (a panning camera over a bundled photograph: texture everywhere) | "
+        "flat (one random colour per clip) | smooth (a random colour field); see "
+        "data_tools.demo_backgrounds for why the synthetic fields leave VideoMAE's "
+        "per-patch normalised target nothing to learn beyond the digit"))
+    pan: float = field(default=0.5, metadata=help_text(
+        "photo background: the camera travels up to this fraction of the canvas side "
+        "over a clip, in a random direction"))
+    zoom: float = field(default=2.75, metadata=help_text(
+        "photo background: photograph pixels per canvas pixel (each clip draws "
+        "0.75x to 1.25x of it); lower = smoother frames, higher = finer texture"))
+    digit_scale: float = field(default=1.0, metadata=help_text(
+        "multiplies the digit's size (each motion draws its own size range)"))
+    max_distractors: int = field(default=3, metadata=help_text(
+        "up to this many drifting digit-fragment distractors per clip"))
+    shard_max_count: int = field(default=32, metadata=help_text("samples per shard"))
+    classes: tuple[str, ...] = field(default=DEMO_CLASSES, metadata=help_text(
+        "motion classes (names in data_tools.demo_render.MOTIONS)"))
 
     @classmethod
     def tiny(cls, **overrides) -> DemoConfig:
@@ -87,8 +96,7 @@ class DemoConfig:
             raise ValueError(f"unknown motion classes {unknown}; known: {sorted(MOTIONS)}")
         if self.canvas_size < 8 or self.canvas_size % 2:
             raise ValueError(f"canvas_size must be even and >= 8, got {self.canvas_size}")
-        if self.background not in BACKGROUNDS:
-            raise ValueError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
+        check_choices(self)
         if self.num_frames < 2:
             raise ValueError(f"num_frames must be >= 2, got {self.num_frames}")
         if min(self.train_per_class, self.val_per_class) < 0:
@@ -180,7 +188,9 @@ def generate_demo(out_dir: str | Path, cfg: DemoConfig | None = None, workers: i
 
     Returns ``{"train": Manifest, "val": Manifest}``.
     """
-    from data_tools.build import SourceItem, SourceSet, build_shards, parallel_map, worker_pool
+    from data_tools.build import build_shards
+    from data_tools.parallel import parallel_map, worker_pool
+    from data_tools.sources import SourceItem, SourceSet
     from runtime.io import atomic_write_text
 
     cfg = cfg or DemoConfig()

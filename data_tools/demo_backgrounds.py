@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Literal, get_args
 
 import numpy as np
 
 from data_tools.demo_render import canvas_hw
 
-BACKGROUNDS = ("photo", "flat", "smooth")
+Background = Literal["photo", "flat", "smooth"]
+BACKGROUNDS = get_args(Background)
 
 
 @lru_cache(maxsize=1)

@@ -17,6 +17,8 @@ global RNG, which DataLoader seeds differently in every worker.
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 
@@ -103,8 +105,10 @@ class RunningCellMaskGenerator(MaskGenerator):
         return self._phases[phase].clone()
 
 
-MASK_TYPES = ("tube", "random", "none")
-DECODER_MASK_TYPES = ("none", "running_cell")
+MaskType = Literal["tube", "random", "none"]
+DecoderMaskType = Literal["none", "running_cell"]
+MASK_TYPES = get_args(MaskType)
+DECODER_MASK_TYPES = get_args(DecoderMaskType)
 
 
 def build_mask_generator(mask_type: str, input_size: tuple[int, int, int],

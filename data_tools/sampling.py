@@ -16,9 +16,12 @@ with fewer frames than segments repeats frames. A clip therefore always has exac
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 
-SAMPLINGS = ("dense", "segment")
+Sampling = Literal["dense", "segment"]
+SAMPLINGS = get_args(Sampling)
 
 
 def dense_span(num_frames: int, stride: int) -> int:

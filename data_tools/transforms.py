@@ -27,8 +27,6 @@ import torchvision.transforms.v2.functional as TF
 
 Box = tuple[int, int, int, int]  # top, left, height, width
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
 TRAIN_CROPS = ("multiscale", "random_resized", "center")
 

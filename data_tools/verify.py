@@ -17,8 +17,8 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator
 
-from data_tools.build import parallel_map, worker_pool
 from data_tools.manifest import SAMPLE_FIELDS, find_manifest, resolve_shards
+from data_tools.parallel import parallel_map, worker_pool
 
 logger = logging.getLogger(__name__)
 _DECODE_CHUNK = 32  # frames decoded per call: bounded memory on long videos

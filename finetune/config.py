@@ -12,12 +12,12 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from data_tools.config import DataConfig
-from data_tools.loader import resolve_shards
+from data_tools.shard_set import resolve_shards
 from models import ModelConfig
 from runtime.checkpoint import CheckpointConfig
+from runtime.config import help_text
 from runtime.engine import EngineConfig
 from runtime.optim import OptimConfig
-from runtime.training import check_model_matches_data
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +44,20 @@ def eval_data_config(data: DataConfig, shards: str, world_size: int, batch_size:
 
 @dataclass
 class MixupConfig:
-    mixup: float = field(default=0.8, metadata={
-        "help": "mixup alpha (0 = off); VideoMAE fine-tuning uses 0.8"})
-    cutmix: float = field(default=1.0, metadata={
-        "help": "cutmix alpha (0 = off); the box is cut in H x W and spans all frames"})
-    cutmix_minmax: list[float] = field(default_factory=list, metadata={
-        "help": "cutmix box size range [min, max] as fractions of the side (empty = from alpha)"})
-    prob: float = field(default=1.0, metadata={
-        "help": "probability of applying mixup or cutmix to a batch / element"})
-    switch_prob: float = field(default=0.5, metadata={
-        "help": "probability of cutmix instead of mixup when both are on"})
-    mode: Literal["batch", "pair", "elem"] = field(default="batch", metadata={
-        "help": "draw the mixing parameters per batch, per pair or per element (timm)"})
-    label_smoothing: float = field(default=0.1, metadata={
-        "help": "label smoothing of the (soft) targets"})
+    mixup: float = field(default=0.8, metadata=help_text(
+        "mixup alpha (0 = off); VideoMAE fine-tuning uses 0.8"))
+    cutmix: float = field(default=1.0, metadata=help_text(
+        "cutmix alpha (0 = off); the box is cut in H x W and spans all frames"))
+    cutmix_minmax: list[float] = field(default_factory=list, metadata=help_text(
+        "cutmix box size range [min, max] as fractions of the side (empty = from alpha)"))
+    prob: float = field(default=1.0, metadata=help_text(
+        "probability of applying mixup or cutmix to a batch / element"))
+    switch_prob: float = field(default=0.5, metadata=help_text(
+        "probability of cutmix instead of mixup when both are on"))
+    mode: Literal["batch", "pair", "elem"] = field(default="batch", metadata=help_text(
+        "draw the mixing parameters per batch, per pair or per element (timm)"))
+    label_smoothing: float = field(default=0.1, metadata=help_text(
+        "label smoothing of the (soft) targets"))
 
     @property
     def active(self) -> bool:
@@ -74,11 +74,11 @@ class MixupConfig:
 
 @dataclass
 class EmaConfig:
-    enabled: bool = field(default=False, metadata={
-        "help": "keep an exponential moving average of the weights (timm ModelEmaV3, fp32)"})
-    decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step"})
-    warmup: bool = field(default=False, metadata={
-        "help": "ramp the decay up over the first steps (timm's warm-up: 1 - (1 + step)^-2/3)"})
+    enabled: bool = field(default=False, metadata=help_text(
+        "keep an exponential moving average of the weights (timm ModelEmaV3, fp32)"))
+    decay: float = field(default=0.9999, metadata=help_text("EMA decay per optimizer step"))
+    warmup: bool = field(default=False, metadata=help_text(
+        "ramp the decay up over the first steps (timm's warm-up: 1 - (1 + step)^-2/3)"))
 
     def validate(self) -> None:
         if not 0 < self.decay < 1:
@@ -87,17 +87,17 @@ class EmaConfig:
 
 @dataclass
 class ValConfig:
-    shards: str = field(default="", metadata={
-        "help": "validation shards (manifest, directory or pattern); every video is scored once"})
-    batch_size: int = field(default=0, metadata={
-        "help": "clips per evaluation batch per rank (0 = data.batch_size)"})
-    num_workers: int = field(default=-1, metadata={
-        "help": "loader workers per rank (-1 = data.num_workers; lowered to shards / ranks)"})
-    every_epochs: int = field(default=1, metadata={
-        "help": "single-view validation every N epochs during training (0 = only the final test)"})
-    test_views: bool = field(default=True, metadata={
-        "help": "final test with data.num_test_clips x data.num_test_crops views per video, "
-                "softmax scores averaged (False: one centred view)"})
+    shards: str = field(default="", metadata=help_text(
+        "validation shards (manifest, directory or pattern); every video is scored once"))
+    batch_size: int = field(default=0, metadata=help_text(
+        "clips per evaluation batch per rank (0 = data.batch_size)"))
+    num_workers: int = field(default=-1, metadata=help_text(
+        "loader workers per rank (-1 = data.num_workers; lowered to shards / ranks)"))
+    every_epochs: int = field(default=1, metadata=help_text(
+        "single-view validation every N epochs during training (0 = only the final test)"))
+    test_views: bool = field(default=True, metadata=help_text(
+        "final test with data.num_test_clips x data.num_test_crops views per video, "
+        "softmax scores averaged (False: one centred view)"))
 
     def validate(self) -> None:
         if self.batch_size < 0 or self.every_epochs < 0 or self.num_workers < -1:
@@ -106,9 +106,9 @@ class ValConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = field(default=20, metadata={
-        "help": "write the training loss and lr every N optimizer steps"})
-    tensorboard: bool = field(default=True, metadata={"help": "also write TensorBoard scalars"})
+    every_steps: int = field(default=20, metadata=help_text(
+        "write the training loss and lr every N optimizer steps"))
+    tensorboard: bool = field(default=True, metadata=help_text("also write TensorBoard scalars"))
 
     def validate(self) -> None:
         if self.every_steps < 1:
@@ -124,43 +124,48 @@ def _finetune_optim() -> OptimConfig:
 
 @dataclass
 class FinetuneConfig:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.1), metadata={
-        "help": "encoder + classification head (num_classes 0 = from the training manifest)"})
-    pretrained: str = field(default="", metadata={
-        "help": "encoder weights: this project's encoder.safetensors, a pretraining run or "
-                "checkpoint folder, an official VideoMAE / V2 .pth or an HF directory "
-                "('' = random init); converted to model.attention as models.loading documents"})
-    head_init_scale: float = field(default=0.001, metadata={
-        "help": "the fresh head starts as trunc_normal(std .02) x this (VideoMAE's init_scale "
-                "0.001, meant for pretrained encoders; 1.0 shortens the initial plateau of "
-                "small models trained from scratch)"})
-    pretrained_strict: bool = field(default=True, metadata={
-        "help": "fail when the checkpoint does not fit the model (beyond a fresh head / fc_norm)"})
-    data: DataConfig = field(default_factory=lambda: DataConfig(crop="random_resized"), metadata={
-        "help": "training shards, clip sampling and augmentation; num_test_clips / "
-                "num_test_crops set the final multi-view test"})
-    val: ValConfig = field(default_factory=ValConfig, metadata={"help": "validation and test"})
-    mixup: MixupConfig = field(default_factory=MixupConfig, metadata={
-        "help": "mixup / cutmix and label smoothing (soft-target cross-entropy)"})
-    ema: EmaConfig = field(default_factory=EmaConfig, metadata={"help": "weight EMA"})
-    optim: OptimConfig = field(default_factory=_finetune_optim, metadata={
-        "help": "AdamW, layer decay and the warm-up + cosine schedule"})
-    engine: EngineConfig = field(default_factory=EngineConfig, metadata={
-        "help": "DeepSpeed precision, ZeRO stage, accumulation, compile"})
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={
-        "help": "checkpoint frequency, retention and resume (as pretraining)"})
-    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "training logs"})
-    out_dir: str = field(default="runs/finetune", metadata={
-        "help": "run folder: config.yaml, metrics.jsonl, checkpoints/, model.safetensors, "
-                "eval/ (metrics.json, predictions.csv, confusion_matrix.png)"})
-    seed: int = field(default=0, metadata={
-        "help": "seeds the head init (same on every rank), per-rank RNG and the data stream"})
-    max_steps: int = field(default=0, metadata={
-        "help": "stop after this many optimizer steps (0 = the whole schedule); the schedule "
-                "still spans optim.epochs"})
+    out_dir: str = field(default="runs/finetune", metadata=help_text(
+        "run folder: config.yaml, metrics.jsonl, checkpoints/, model.safetensors, "
+        "eval/ (metrics.json, predictions.csv, confusion_matrix.png)"))
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(drop_path_rate=0.1), metadata=help_text(
+        "encoder + classification head (num_classes 0 = from the training manifest)"))
+    pretrained: str = field(default="", metadata=help_text(
+        "encoder weights: this project's encoder.safetensors, a pretraining run or "
+        "checkpoint folder, an official VideoMAE / V2 .pth or an HF directory "
+        "('' = random init); converted to model.attention as models.loading documents"))
+    head_init_scale: float = field(default=0.001, metadata=help_text(
+        "the fresh head starts as trunc_normal(std .02) x this (VideoMAE's init_scale "
+        "0.001, meant for pretrained encoders; 1.0 shortens the initial plateau of "
+        "small models trained from scratch)"))
+    pretrained_strict: bool = field(default=True, metadata=help_text(
+        "fail when the checkpoint does not fit the model (beyond a fresh head / fc_norm)"))
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(crop="random_resized"), metadata=help_text(
+        "training shards, clip sampling and augmentation; num_test_clips / "
+        "num_test_crops set the final multi-view test"))
+    val: ValConfig = field(default_factory=ValConfig, metadata=help_text("validation and test"))
+    mixup: MixupConfig = field(default_factory=MixupConfig, metadata=help_text(
+        "mixup / cutmix and label smoothing (soft-target cross-entropy)"))
+    ema: EmaConfig = field(default_factory=EmaConfig, metadata=help_text("weight EMA"))
+    optim: OptimConfig = field(default_factory=_finetune_optim, metadata=help_text(
+        "AdamW, layer decay and the warm-up + cosine schedule"))
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata=help_text(
+        "DeepSpeed precision, ZeRO stage, accumulation, compile"))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=help_text(
+        "checkpoint frequency, retention and resume (as pretraining)"))
+    log: LogConfig = field(default_factory=LogConfig, metadata=help_text("training logs"))
+    seed: int = field(default=0, metadata=help_text(
+        "seeds the head init (same on every rank), per-rank RNG and the data stream"))
+    max_steps: int = field(default=0, metadata=help_text(
+        "stop after this many optimizer steps (0 = the whole schedule); the schedule "
+        "still spans optim.epochs"))
+
+    def resolve(self) -> FinetuneConfig:
+        """The data section's clip geometry filled in from the model section (idempotent)."""
+        return replace(self, data=self.data.with_geometry(**self.model.clip_geometry()))
 
     def validate(self) -> None:
-        check_model_matches_data(self.model, self.data)
         if not self.val.shards:
             raise ValueError("val.shards must be set (the validation / test shard set)")
         if self.mixup.active and self.mixup.mode != "elem" and self.data.batch_size % 2:
@@ -180,18 +185,18 @@ class FinetuneConfig:
 
 @dataclass
 class ProbeHeadConfig:
-    kind: Literal["linear", "attentive"] = field(default="linear", metadata={
-        "help": "linear: BatchNorm (no affine) + Linear on mean-pooled tokens (MAE); attentive: "
-                "cross-attention pooling with one learned query + Linear on all tokens (V-JEPA)"})
-    epochs: int = field(default=90, metadata={"help": "passes over the cached training features"})
-    batch_size: int = field(default=256, metadata={"help": "features per step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
-    min_lr: float = field(default=0.0, metadata={"help": "cosine floor"})
-    warmup_epochs: float = field(default=5.0, metadata={"help": "linear warm-up epochs"})
-    weight_decay: float = field(default=0.0, metadata={
-        "help": "AdamW weight decay on weight matrices (MAE linear probe: 0; V-JEPA: 0.01)"})
-    num_heads: int = field(default=0, metadata={
-        "help": "attentive probe heads (0 = the encoder's)"})
+    kind: Literal["linear", "attentive"] = field(default="linear", metadata=help_text(
+        "linear: BatchNorm (no affine) + Linear on mean-pooled tokens (MAE); attentive: "
+        "cross-attention pooling with one learned query + Linear on all tokens (V-JEPA)"))
+    epochs: int = field(default=90, metadata=help_text("passes over the cached training features"))
+    batch_size: int = field(default=256, metadata=help_text("features per step"))
+    lr: float = field(default=1e-3, metadata=help_text("peak AdamW learning rate"))
+    min_lr: float = field(default=0.0, metadata=help_text("cosine floor"))
+    warmup_epochs: float = field(default=5.0, metadata=help_text("linear warm-up epochs"))
+    weight_decay: float = field(default=0.0, metadata=help_text(
+        "AdamW weight decay on weight matrices (MAE linear probe: 0; V-JEPA: 0.01)"))
+    num_heads: int = field(default=0, metadata=help_text(
+        "attentive probe heads (0 = the encoder's)"))
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -202,28 +207,31 @@ class ProbeHeadConfig:
 
 @dataclass
 class ProbeConfig:
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={
-        "help": "frozen encoder (num_classes is ignored)"})
-    weights: str = field(default="", metadata={
-        "help": "encoder weights as for fine-tuning ('' = randomly initialised encoder, the "
-                "baseline a pretrained encoder must beat)"})
-    data: DataConfig = field(default_factory=DataConfig, metadata={
-        "help": "training shards and clip settings (features use one centred view per video)"})
-    val: ValConfig = field(default_factory=ValConfig, metadata={
-        "help": "validation shards; test_views scores num_test_clips x num_test_crops views"})
-    probe: ProbeHeadConfig = field(default_factory=ProbeHeadConfig, metadata={
-        "help": "probe head and its training"})
-    cache_dir: str = field(default="", metadata={
-        "help": "feature cache folder ('' = <out_dir>/features); reused while the encoder, "
-                "weights and data settings are unchanged"})
-    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={
-        "help": "autocast precision of the feature extraction (bf16/fp16 on GPUs)"})
-    out_dir: str = field(default="runs/probe", metadata={
-        "help": "run folder: config.yaml, features/, metrics.jsonl, eval/"})
-    seed: int = field(default=0, metadata={"help": "seeds the random encoder and the probe"})
+    out_dir: str = field(default="runs/probe", metadata=help_text(
+        "run folder: config.yaml, features/, metrics.jsonl, eval/"))
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=help_text(
+        "frozen encoder (num_classes is ignored)"))
+    weights: str = field(default="", metadata=help_text(
+        "encoder weights as for fine-tuning ('' = randomly initialised encoder, the "
+        "baseline a pretrained encoder must beat)"))
+    data: DataConfig = field(default_factory=DataConfig, metadata=help_text(
+        "training shards and clip settings (features use one centred view per video)"))
+    val: ValConfig = field(default_factory=ValConfig, metadata=help_text(
+        "validation shards; test_views scores num_test_clips x num_test_crops views"))
+    probe: ProbeHeadConfig = field(default_factory=ProbeHeadConfig, metadata=help_text(
+        "probe head and its training"))
+    cache_dir: str = field(default="", metadata=help_text(
+        "feature cache folder ('' = <out_dir>/features); reused while the encoder, "
+        "weights and data settings are unchanged"))
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata=help_text(
+        "autocast precision of the feature extraction (bf16/fp16 on GPUs)"))
+    seed: int = field(default=0, metadata=help_text("seeds the random encoder and the probe"))
+
+    def resolve(self) -> ProbeConfig:
+        """The data section's clip geometry filled in from the model section (idempotent)."""
+        return replace(self, data=self.data.with_geometry(**self.model.clip_geometry()))
 
     def validate(self) -> None:
-        check_model_matches_data(self.model, self.data)
         if not self.val.shards:
             raise ValueError("val.shards must be set (the validation shard set)")
         if not self.out_dir:
@@ -236,30 +244,33 @@ class ProbeConfig:
 
 @dataclass
 class ExtractConfig:
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={
-        "help": "frozen encoder (num_classes is ignored)"})
-    weights: str = field(default="", metadata={
-        "help": "encoder weights as for fine-tuning ('' = random init, for tests only)"})
-    data: DataConfig = field(default_factory=DataConfig, metadata={
-        "help": "the shard set to embed (data.shards) and clip settings"})
-    mode: Literal["clip", "views", "sliding_window"] = field(default="clip", metadata={
-        "help": "clip: one centred clip per video; views: data.num_test_clips x "
-                "data.num_test_crops per video; sliding_window: windows over the whole video, "
-                "centre-cropped (temporal action detection)"})
-    pool: Literal["mean", "tokens"] = field(default="mean", metadata={
-        "help": "mean: (D,) per row; tokens: (N, D) per row (for attentive probes)"})
-    window_stride: int = field(default=4, metadata={
-        "help": "sliding_window: source frames between window starts (a window is "
-                "data.num_frames frames data.sampling_rate apart, resized to data.input_size)"})
-    dtype: Literal["float32", "float16", "bfloat16"] = field(default="float32", metadata={
-        "help": "storage type of the features"})
-    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={
-        "help": "autocast precision of the encoder forward"})
-    out: str = field(default="runs/features/features.safetensors", metadata={
-        "help": "output safetensors file (rows, keys and labels; see finetune.extract)"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=help_text(
+        "frozen encoder (num_classes is ignored)"))
+    weights: str = field(default="", metadata=help_text(
+        "encoder weights as for fine-tuning ('' = random init, for tests only)"))
+    data: DataConfig = field(default_factory=DataConfig, metadata=help_text(
+        "the shard set to embed (data.shards) and clip settings"))
+    mode: Literal["clip", "views", "sliding_window"] = field(default="clip", metadata=help_text(
+        "clip: one centred clip per video; views: data.num_test_clips x "
+        "data.num_test_crops per video; sliding_window: windows over the whole video, "
+        "centre-cropped (temporal action detection)"))
+    pool: Literal["mean", "tokens"] = field(default="mean", metadata=help_text(
+        "mean: (D,) per row; tokens: (N, D) per row (for attentive probes)"))
+    window_stride: int = field(default=4, metadata=help_text(
+        "sliding_window: source frames between window starts (a window is "
+        "data.num_frames frames data.sampling_rate apart, resized to data.input_size)"))
+    dtype: Literal["float32", "float16", "bfloat16"] = field(default="float32", metadata=help_text(
+        "storage type of the features"))
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata=help_text(
+        "autocast precision of the encoder forward"))
+    out: str = field(default="runs/features/features.safetensors", metadata=help_text(
+        "output safetensors file (rows, keys and labels; see finetune.extract)"))
+
+    def resolve(self) -> ExtractConfig:
+        """The data section's clip geometry filled in from the model section (idempotent)."""
+        return replace(self, data=self.data.with_geometry(**self.model.clip_geometry()))
 
     def validate(self) -> None:
-        check_model_matches_data(self.model, self.data)
         if not self.data.shards:
             raise ValueError("data.shards must be set")
         if self.window_stride < 1:

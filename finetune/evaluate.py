@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Iterator, Sequence
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from runtime.dist import get_rank, get_world_size, is_initialized
+from runtime.dist import gather_objects
 from runtime.io import atomic_path, atomic_write_text
 from runtime.logging import progress
 
@@ -142,14 +141,8 @@ def compute_metrics(local: VideoScores, num_classes: int, device: torch.device |
 
 def gather_to_main(local: VideoScores) -> VideoScores | None:
     """All ranks' per-video scores on rank 0 (None elsewhere); raises if a key is duplicated."""
-    if not is_initialized() or get_world_size() == 1:
-        return VideoScores.concat([local], local.scores.shape[1])
-    rank = get_rank()
-    parts: list | None = [None] * get_world_size() if rank == 0 else None
-    torch_dist.gather_object(local, parts, dst=0)
-    if rank != 0:
-        return None
-    return VideoScores.concat(parts, local.scores.shape[1])
+    parts = gather_objects(local)
+    return None if parts is None else VideoScores.concat(parts, local.scores.shape[1])
 
 
 def _class_name(names: Sequence[str] | None, index: int) -> str:

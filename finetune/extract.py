@@ -22,7 +22,7 @@ import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable, Literal
+from typing import Callable, ContextManager, Iterable, Literal, Sequence
 
 import torch
 import webdataset as wds
@@ -30,13 +30,14 @@ from safetensors import safe_open
 from torch import nn
 
 from data_tools.config import DataConfig
-from data_tools.decode import DecodeError, open_video
-from data_tools.loader import VIDEO_EXTENSIONS, build_loader, resolve_shards
+from data_tools.decode import VIDEO_EXTENSIONS, DecodeError, open_video
+from data_tools.loader import build_loader
+from data_tools.shard_set import resolve_shards
 from finetune.config import ExtractConfig, eval_data_config
 from finetune.detection.features import sliding_window_features
-from finetune.train import build_model
+from finetune.common import autocast_for, build_model, default_device
 from runtime.config import parse_config, to_dict
-from runtime.dist import barrier, discover, get_rank, get_world_size, init_distributed
+from runtime.dist import barrier, get_rank, get_world_size, init_distributed
 from runtime.io import atomic_save_safetensors
 from runtime.logging import progress, setup_logging
 
@@ -55,6 +56,7 @@ class FeatureSet:
     features: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    videos: dict[str, dict] = field(default_factory=dict)  # per-video json (sliding windows)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -77,14 +79,15 @@ class FeatureSet:
             views=torch.cat([p.views for p in parts]),
             features=torch.cat([p.features for p in parts]),
             extra={n: torch.cat([p.extra[n] for p in parts]) for n in extra_names},
-            info=parts[0].info)
+            info=parts[0].info, videos={k: v for p in parts for k, v in p.videos.items()})
 
 
 def save_features(features: FeatureSet, path: str | Path) -> Path:
     tensors = {"labels": features.labels, "views": features.views,
                "features": features.features, **features.extra}
     metadata = {"keys": json.dumps(features.keys), "info": json.dumps(features.info),
-                "extra": json.dumps(sorted(features.extra))}
+                "extra": json.dumps(sorted(features.extra)),
+                "videos": json.dumps(features.videos)}
     return atomic_save_safetensors(tensors, path, metadata=metadata)
 
 
@@ -99,7 +102,7 @@ def load_features(path: str | Path) -> FeatureSet:
         extra_names = json.loads(meta.get("extra", "[]"))
         return FeatureSet(json.loads(meta["keys"]), tensors["labels"], tensors["views"],
                           tensors["features"], {n: tensors[n] for n in extra_names},
-                          json.loads(meta.get("info", "{}")))
+                          json.loads(meta.get("info", "{}")), json.loads(meta.get("videos", "{}")))
     except (KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is not a feature file written by finetune.extract "
                          f"(missing or invalid {err})") from err
@@ -172,23 +175,24 @@ def write_across_ranks(local: FeatureSet, path: str | Path) -> Path:
     return path
 
 
+def cached_feature_set(path: str | Path, fingerprint: str,
+                       extract: Callable[[], FeatureSet]) -> FeatureSet:
+    """The feature file ``path`` when it was made with ``fingerprint``, else ``extract()`` (this
+    rank's rows) written there from every rank first. Every rank must call this."""
+    path = Path(path)
+    info = read_info(path) if path.is_file() else None
+    if info and info.get("fingerprint") == fingerprint:
+        log.info("using cached features %s", path)
+    else:
+        log.info("extracting features into %s", path)
+        local = extract()
+        local.info = {**local.info, "fingerprint": fingerprint}
+        write_across_ranks(local, path)
+    return load_features(path)
+
+
 # ---------------------------------------------------------------------------------------
 # Running an extraction
-
-
-def default_device() -> torch.device:
-    """This rank's accelerator (``cuda:<local rank>``) or the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", discover().local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:
-    """A context factory: autocast to bf16/fp16, or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -205,46 +209,53 @@ def extract_split(encoder: nn.Module, data: DataConfig, shards: str, mode: str, 
                                  autocast=autocast_for(precision, device), desc=desc)
 
 
-def extract_windows(encoder: nn.Module, data: DataConfig, stride: int, *,
-                    device: torch.device, dtype: torch.dtype = torch.float32) -> FeatureSet:
+def extract_windows(encoder: nn.Module, shards: str, *, num_frames: int, sampling_rate: int,
+                    window_stride: int, input_size: int, mean: Sequence[float],
+                    std: Sequence[float], batch_size: int, backend: str = "auto",
+                    short_side: int = 0, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> FeatureSet:
     """Sliding-window rows of this rank's shards (``shards[rank::world]``), one row per
-    window, with ``window_center`` seconds (``finetune.detection.features``)."""
-
+    window (``finetune.detection.features``), with ``window_center`` seconds per row and, per
+    video, its json plus ``fps``, ``duration``, ``span``, ``window_stride`` in ``videos``."""
     world, rank = get_world_size(), get_rank()
-    urls = resolve_shards(data.shards).urls[rank::world]
-    keys, labels, views, chunks, centers = [], [], [], [], []
+    urls = resolve_shards(shards).urls[rank::world]
+    keys, labels, views, chunks, centers, videos = [], [], [], [], [], {}
     samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()) if urls else []
-    for sample in progress(samples, desc="windows"):
+    for sample in progress(samples, desc=f"windows {Path(shards).name}"):
         key, url = sample["__key__"], sample.get("__url__", "?")
         try:
             meta = json.loads(sample["json"])
             video = next(sample[e] for e in VIDEO_EXTENSIONS if e in sample)
-            reader = open_video(video, data.backend, data.short_side,
+            reader = open_video(video, backend, short_side,
                                 (int(meta.get("width", 0)), int(meta.get("height", 0))))
         except (KeyError, StopIteration, ValueError, DecodeError) as err:
             raise ValueError(f"sample {key!r} of shard {url}: cannot read its video and json "
                              f"({err!r})") from err
         fps = float(meta.get("fps") or reader.fps)
         features, grid = sliding_window_features(
-            encoder, reader, fps, num_frames=data.num_frames, frame_step=data.sampling_rate,
-            stride=stride, size=data.input_size, mean=data.mean, std=data.std,
-            batch_size=data.batch_size, device=device)
+            encoder, reader, fps, num_frames=num_frames, sampling_rate=sampling_rate,
+            window_stride=window_stride, size=input_size, mean=mean, std=std,
+            batch_size=batch_size, device=device)
         steps = torch.arange(grid.num_steps)
         keys += [key] * grid.num_steps
         labels.append(torch.full((grid.num_steps,), int(meta.get("label", -1)), dtype=torch.long))
         views.append(steps)
         chunks.append(features.to(dtype))
         centers.append(grid.to_seconds(steps.double()).float())
+        videos[key] = {"json": meta, "where": f"{url}:{key}", "fps": fps, "span": grid.span,
+                       "window_stride": window_stride, "duration": reader.num_frames / fps}
     if not chunks:
         return FeatureSet([], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                           torch.zeros(0, encoder.embed_dim, dtype=dtype),
                           {"window_center": torch.zeros(0)})
     return FeatureSet(keys, torch.cat(labels), torch.cat(views), torch.cat(chunks),
-                      {"window_center": torch.cat(centers)})
+                      {"window_center": torch.cat(centers)}, videos=videos)
 
 
-def run(cfg: ExtractConfig) -> Path:
-    """Embed ``cfg.data.shards`` with the frozen encoder into ``cfg.out``; returns the path."""
+def run(cfg: ExtractConfig) -> dict:
+    """Embed ``cfg.data.shards`` with the frozen encoder into ``cfg.out``; returns ``{"out",
+    "rows"}`` (the file and this rank's row count)."""
+    cfg = cfg.resolve()
     init_distributed()
     device = default_device()
     encoder = build_model(replace(cfg.model, num_classes=0), cfg.weights).to(device).eval()
@@ -252,7 +263,12 @@ def run(cfg: ExtractConfig) -> Path:
     if cfg.mode == "sliding_window":
         if cfg.pool != "mean":
             raise ValueError("mode=sliding_window stores mean-pooled features only (pool=mean)")
-        local = extract_windows(encoder, cfg.data, cfg.window_stride, device=device, dtype=dtype)
+        data = cfg.data
+        local = extract_windows(encoder, data.shards, num_frames=data.num_frames,
+                                sampling_rate=data.sampling_rate, window_stride=cfg.window_stride,
+                                input_size=data.input_size, mean=data.mean, std=data.std,
+                                batch_size=data.batch_size, backend=data.backend,
+                                short_side=data.short_side, device=device, dtype=dtype)
     else:
         mode = "test_views" if cfg.mode == "views" else "eval"
         local = extract_split(encoder, cfg.data, cfg.data.shards, mode, pool=cfg.pool,
@@ -260,7 +276,7 @@ def run(cfg: ExtractConfig) -> Path:
     local.info = {"config": to_dict(cfg)}
     path = write_across_ranks(local, cfg.out)
     log.info("wrote features of %s to %s", cfg.data.shards, path)
-    return path
+    return {"out": str(path), "rows": len(local)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                        description="Write frozen-encoder features of a shard set to one "
                                    "safetensors file (per clip, per view or per sliding window).")
     setup_logging()
-    path = run(cfg)
+    result = run(cfg)
     if get_rank() == 0:
-        print(path)
+        print(result["out"])
     return 0
 
 

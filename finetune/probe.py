@@ -28,17 +28,16 @@ import torch
 from timm.layers import AttentionPoolLatent, trunc_normal_
 from torch import nn
 
-from data_tools.loader import resolve_shards
+from data_tools.shard_set import resolve_shards
 from finetune.config import ProbeConfig, ProbeHeadConfig
 from finetune.evaluate import evaluate_logits
-from finetune.extract import (FeatureSet, default_device, extract_split, load_features, read_info,
-                              write_across_ranks)
-from finetune.train import broadcast_metrics, build_model, resolve_weights
+from finetune.common import build_model, default_device, resolve_weights
+from finetune.extract import FeatureSet, cached_feature_set, extract_split
 from runtime.config import parse_config, save_resolved_config, to_dict
-from runtime.dist import get_rank, init_distributed
+from runtime.dist import broadcast_from_main, get_rank, init_distributed
 from runtime.io import atomic_write_text
 from runtime.logging import RunLogger, setup_logging
-from runtime.optim import WarmupCosine, param_groups
+from runtime.optim import WarmupCosine, param_groups, set_lr
 from runtime.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -111,18 +110,15 @@ def cached_features(encoder: nn.Module, cfg: ProbeConfig, split: str, shards: st
     """Features of one split from ``<cache_dir>/<split>-<pool>.safetensors``, extracted by
     all ranks first when missing or made with other settings."""
     path = Path(cfg.cache_dir or Path(cfg.out_dir) / "features") / f"{split}-{pool}.safetensors"
-    fingerprint = cache_fingerprint(cfg, shards, mode, pool)
-    info = read_info(path) if path.is_file() else None
-    if not (info and info.get("fingerprint") == fingerprint):
-        log.info("extracting %s features of %s (%s, %s) into %s", split, shards, mode, pool, path)
+
+    def extract() -> FeatureSet:
         dtype = torch.float16 if pool == "tokens" else torch.float32
         local = extract_split(encoder, cfg.data, shards, mode, pool=pool, device=device,
                               precision=cfg.precision, dtype=dtype, desc=f"{split} features")
-        local.info = {"fingerprint": fingerprint, "split": split, "shards": shards, "mode": mode}
-        write_across_ranks(local, path)
-    else:
-        log.info("using cached %s features %s", split, path)
-    return load_features(path)
+        local.info = {"split": split, "shards": shards, "mode": mode}
+        return local
+
+    return cached_feature_set(path, cache_fingerprint(cfg, shards, mode, pool), extract)
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,8 +155,7 @@ def train_probe(head: nn.Module, train: FeatureSet, cfg: ProbeHeadConfig, device
             index = order[start:start + cfg.batch_size]
             if len(index) < 2:  # batch norm needs two samples
                 continue
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.lr_at(step) * group["lr_scale"]
+            set_lr(optimizer, schedule.lr_at(step))
             logits = head(inputs[index].to(device, torch.float32))
             loss = criterion(logits, labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -191,6 +186,7 @@ def run(cfg: ProbeConfig) -> dict:
     """Extract (or reuse) features, train the probe on rank 0 and evaluate it; returns
     ``top1``, ``top5``, ``mean_class_acc`` (fractions), ``num_videos``, ``num_views``,
     ``out_dir`` on every rank."""
+    cfg = cfg.resolve()
     env = init_distributed()
     out_dir = Path(cfg.out_dir)
     if env.is_main:
@@ -224,7 +220,7 @@ def run(cfg: ProbeConfig) -> dict:
              **metrics}, indent=2) + "\n")
         log.info("%s probe (%s): %s", cfg.probe.kind, cfg.weights or "random init",
                  {k: round(v, 4) for k, v in metrics.items()})
-    metrics = broadcast_metrics(metrics)
+    metrics = broadcast_from_main(metrics)
     metrics["out_dir"] = str(out_dir)
     return metrics
 

@@ -1,26 +1,29 @@
-"""Temporal action detection in untrimmed videos: ``python -m finetune.tad --config FILE``.
+"""``python -m finetune.tad --config configs/finetune/tad_demo.yaml [key.sub=value ...]``
 
-See ``finetune.detection.train_tad`` for what runs and what is written; ``--help`` lists
-every field. The demo data comes from ``python -m finetune.detection.demo_data tad --out DIR``.
+Temporal action detection in untrimmed videos: ``finetune.detection.train_tad.run`` trains a
+1-D head on frozen sliding-window features and scores segment mAP; ``--help`` lists every
+field. Single process. The demo data comes from
+``python -m finetune.detection.demo_data tad --out DIR``.
 """
 from __future__ import annotations
 
 import json
 import sys
 
-from finetune.detection.train_tad import TADConfig, run_tad
+from finetune.detection.config import TADConfig
+from finetune.detection.train_tad import run
 from runtime.config import parse_config
 from runtime.logging import setup_logging
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    cfg = parse_config(TADConfig, argv, description=__doc__, prog="python -m finetune.tad")
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(TADConfig, argv, prog="python -m finetune.tad",
+                       description="Temporal action detection: a 1-D head on frozen "
+                                   "sliding-window features, scored with segment mAP.")
     setup_logging()
-    metrics = run_tad(cfg)
-    json.dump(metrics, sys.stdout, indent=1)
-    sys.stdout.write("\n")
-    return metrics
+    print(json.dumps(run(cfg), indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,96 +13,36 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as torch_dist
 from timm.data import Mixup
-from timm.layers import trunc_normal_
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
 from data_tools.config import DataConfig
-from data_tools.loader import build_loader, resolve_shards
+from data_tools.loader import build_loader
+from data_tools.shard_set import resolve_shards
+from data_tools.stream import video_stream
 from finetune.config import FinetuneConfig, MixupConfig, eval_data_config
+from finetune.common import build_model
 from finetune.evaluate import EvalResult, evaluate
-from models import ModelConfig, VideoViT, build_encoder, load_encoder_weights
+from models import VideoViT
 from models.checkpoint import config_metadata
-from runtime.checkpoint import DataPosition
-from runtime.dist import get_world_size, init_distributed, is_initialized
+from runtime.dist import broadcast_from_main, init_distributed
 from runtime.engine import TrainEngine, create_engine
 from runtime.io import atomic_save_safetensors, atomic_write_text
-from runtime.logging import RunLogger, progress
 from runtime.seed import seed_everything
-from runtime.training import DataStream, Window, open_run, rank_data_config, timed
+from runtime.training import Window, loop_logs, next_position, open_run, resume_from, timed
 
 logger = logging.getLogger(__name__)
 
 MODEL_EXPORT = "model.safetensors"
 EMA_EXPORT = "model_ema.safetensors"
-ENCODER_EXPORT = "encoder.safetensors"  # what a pretraining checkpoint folder exports
 EVAL_DIR = "eval"
-
-
-# ---------------------------------------------------------------------------------------
-# Model
-
-
-def init_head(model: VideoViT, scale: float) -> None:
-    """Fresh classification head: weights trunc_normal(std .02) x ``scale``, zero bias."""
-    trunc_normal_(model.head.weight, std=0.02)
-    with torch.no_grad():
-        model.head.weight.mul_(scale)
-    nn.init.zeros_(model.head.bias)
-
-
-def resolve_weights(source: str | Path) -> Path:
-    """The weights file behind ``source``: a file, an HF model directory, a pretraining
-    checkpoint folder (``…/checkpoints/step_N`` holding ``encoder.safetensors``) or a run
-    folder (its ``checkpoints/latest``)."""
-    path = Path(source)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if (path / ENCODER_EXPORT).is_file():
-            return path / ENCODER_EXPORT
-        latest = path / "checkpoints" / "latest"
-        if latest.is_file():
-            tag_dir = latest.parent / latest.read_text().strip()
-            if (tag_dir / ENCODER_EXPORT).is_file():
-                return tag_dir / ENCODER_EXPORT
-        if any((path / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
-            return path  # HF model directory
-        raise FileNotFoundError(
-            f"{path} is a folder without {ENCODER_EXPORT}, checkpoints/latest or an HF "
-            "model.safetensors / pytorch_model.bin: pass the weights file")
-    raise FileNotFoundError(f"pretrained weights {path} do not exist")
-
-
-def build_model(cfg: ModelConfig, weights: str, strict: bool = True, seed: int = 0,
-                head_init_scale: float | None = None) -> VideoViT:
-    """``VideoViT(cfg)`` initialised with ``seed`` (identical on every rank), then loaded
-    from ``weights`` when given. A checkpoint of another attention type, frame count or
-    resolution is converted as ``models.loading`` documents, or rejected with the list of
-    what does not fit. ``head_init_scale`` re-draws the head before loading (a checkpoint
-    with a head of the same shape still replaces it)."""
-    torch.manual_seed(seed)
-    model = build_encoder(cfg)
-    if head_init_scale is not None and cfg.num_classes:
-        init_head(model, head_init_scale)
-    if weights:
-        path = resolve_weights(weights)
-        try:
-            report = load_encoder_weights(model, path, strict=strict)
-        except ValueError as err:
-            raise ValueError(f"cannot load {path} into a {cfg.attention}-attention model with "
-                             f"{cfg.num_frames} frames at {cfg.img_size}px: {err}") from err
-        logger.info("loaded %s into the %s model:\n%s", path, cfg.attention, report)
-    return model
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,6 +119,7 @@ def run(cfg: FinetuneConfig) -> dict:
     """Fine-tune (or resume) on this rank; returns the final test metrics (same on all ranks):
     ``top1``, ``top5``, ``mean_class_acc`` (fractions), ``num_videos``, ``step``,
     ``out_dir`` and, with EMA, the same metrics of the EMA weights prefixed ``ema_``."""
+    cfg = cfg.resolve()
     env = init_distributed()
     out_dir, checkpoints, resume_tag = open_run(cfg, cfg.out_dir, cfg.checkpoint, env.is_main)
 
@@ -187,8 +128,8 @@ def run(cfg: FinetuneConfig) -> dict:
     model = build_model(model_cfg, cfg.pretrained, cfg.pretrained_strict, cfg.seed,
                         cfg.head_init_scale)
     seed_everything(cfg.seed, env.rank)
-    stream = DataStream(rank_data_config(cfg.data, env.rank, env.world_size), cfg.seed,
-                        env.rank, env.world_size, cfg.engine.grad_accum_steps, mode="train")
+    stream = video_stream(cfg.data, cfg.seed, env.rank, env.world_size,
+                          cfg.engine.grad_accum_steps, mode="train")
     # fp32 copy of the weights before DeepSpeed casts or hooks the module
     ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup,
                      dtype=torch.float32) if cfg.ema.enabled else None
@@ -196,11 +137,9 @@ def run(cfg: FinetuneConfig) -> dict:
                            out_dir, stream.steps_per_epoch)
     if ema is not None:
         ema.to(engine.device)
-    client = checkpoints.load(engine, resume_tag) if resume_tag else {}
+    client, position, stop_at = resume_from(checkpoints, engine, resume_tag, cfg.max_steps)
     if ema is not None and "ema" in client:
         ema.module.load_state_dict(client["ema"])
-    position = DataPosition(**client.get("data", {}))
-    stop_at = min(cfg.max_steps or engine.schedule.total_steps, engine.schedule.total_steps)
     mixup, criterion = build_criterion(cfg.mixup, num_classes)
 
     def client_state() -> dict:
@@ -222,58 +161,53 @@ def run(cfg: FinetuneConfig) -> dict:
         logger.info("epoch %d step %d: val %s", epoch, engine.global_step,
                     {k: round(v, 4) for k, v in scalars.items()})
 
-    run_log = RunLogger(out_dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard)
-    bar = progress(None, total=stop_at, initial=engine.global_step, desc="finetune",
-                   enabled=env.is_main)
-    window = Window(start=time.perf_counter())
-    last: dict = {}
+    run_log, bar = loop_logs(out_dir, env.is_main, cfg.log.tensorboard, engine, stop_at,
+                             "finetune")
+    window, last = Window(), {}
     engine.train()
-    while engine.global_step < stop_at:
-        if position.batch >= stream.batches_per_epoch:
-            position = DataPosition(position.epoch + 1, 0)
-        for batch, wait in timed(stream.segment(position)):
-            position.batch += 1
-            video = batch["video"].to(engine.device, non_blocking=True)
-            target = batch["label"].to(engine.device, non_blocking=True)
-            if mixup is not None:
-                video, target = mixup(video, target)
-            with engine.autocast():
-                logits = engine(video)
-            loss = criterion(logits.float(), target)
-            if engine.step(loss):
-                window.loss += loss.item()
-                window.finite += 1
-            window.clips += video.shape[0]
-            window.data_wait += wait
-            if not engine.last_step_applied:
-                continue
-            step = engine.global_step
-            if ema is not None:
-                ema.update(engine.module, step=step)
-            bar.update(1)
-            if step % cfg.log.every_steps == 0 or step == stop_at:
-                last = window.summary(engine, env.world_size)
-                run_log.log(step, epoch=position.epoch, **last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", refresh=False)
-                window = Window(start=time.perf_counter())
-            epoch_done = position.batch == stream.batches_per_epoch
-            every = cfg.val.every_epochs
-            if epoch_done and every and (position.epoch + 1) % every == 0 and step < stop_at:
-                validate(position.epoch)
-            every = cfg.checkpoint.every_steps
-            if step == stop_at or (every and step % every == 0):
-                checkpoints.save(engine, step, client_state())
-                break  # the next segment's loader starts at the checkpointed position
-            if step >= stop_at:
-                break
-    bar.close()
-
-    metrics = final_test(cfg, engine, ema, num_classes, class_names, env.rank, env.world_size,
-                         out_dir)
-    metrics.update(step=engine.global_step, out_dir=str(out_dir))
-    run_log.log(engine.global_step, tag="test", **{k: v for k, v in metrics.items()
-                                                   if isinstance(v, float)})
-    run_log.close()
+    try:
+        while engine.global_step < stop_at:
+            position = next_position(position, stream)
+            for batch, wait in timed(stream.segment(position)):
+                position.batch += 1
+                video = batch["video"].to(engine.device, non_blocking=True)
+                target = batch["label"].to(engine.device, non_blocking=True)
+                if mixup is not None:
+                    video, target = mixup(video, target)  # soft targets (B, K)
+                with engine.autocast():
+                    logits = engine(video)
+                loss = criterion(logits.float(), target)
+                applied = engine.step(loss)
+                window.add(loss.item() if applied else None, video.shape[0], wait)
+                if not engine.last_step_applied:
+                    continue
+                step = engine.global_step
+                if ema is not None:
+                    ema.update(engine.module, step=step)
+                bar.update(1)
+                if step % cfg.log.every_steps == 0 or step == stop_at:
+                    last = window.summary(engine, env.world_size)
+                    run_log.log(step, epoch=position.epoch, **last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                    refresh=False)
+                    window = Window()
+                epoch_done = position.batch == stream.batches_per_epoch
+                every = cfg.val.every_epochs
+                if epoch_done and every and (position.epoch + 1) % every == 0 and step < stop_at:
+                    validate(position.epoch)
+                every = cfg.checkpoint.every_steps
+                if step == stop_at or (every and step % every == 0):
+                    checkpoints.save(engine, step, client_state())
+                    break  # the next segment's loader starts at the checkpointed position
+        bar.close()  # before the test's own progress bar
+        metrics = final_test(cfg, engine, ema, num_classes, class_names, env.rank,
+                             env.world_size, out_dir)
+        metrics.update(step=engine.global_step, out_dir=str(out_dir))
+        run_log.log(engine.global_step, tag="test", **{k: v for k, v in metrics.items()
+                                                       if isinstance(v, float)})
+    finally:
+        bar.close()
+        run_log.close()
     return metrics
 
 
@@ -297,17 +231,8 @@ def final_test(cfg: FinetuneConfig, engine: TrainEngine, ema: ModelEmaV3 | None,
                           json.dumps({"mode": mode, "views_per_video": _views(cfg, mode),
                                       **metrics}, indent=2) + "\n")
     logger.info("test (%s): %s", mode, {k: round(v, 4) for k, v in metrics.items()})
-    return broadcast_metrics(metrics)
+    return broadcast_from_main(metrics)
 
 
 def _views(cfg: FinetuneConfig, mode: str) -> int:
     return cfg.data.num_test_clips * cfg.data.num_test_crops if mode == "test_views" else 1
-
-
-def broadcast_metrics(metrics: dict) -> dict:
-    """Rank 0's dict on every rank (``num_views`` is only known where the scores were gathered)."""
-    if not is_initialized() or get_world_size() == 1:
-        return metrics
-    holder = [metrics]
-    torch_dist.broadcast_object_list(holder, src=0)
-    return holder[0]

@@ -74,13 +74,13 @@ def build_data(out: Path, quick: bool, seed: int) -> Path:
 
 def pretrain(out: Path, data_dir: Path, quick: bool, seed: int) -> dict:
     from pretrain.config import PretrainConfig
-    from pretrain.train import train
+    from pretrain.train import run
 
     overrides = [f"out_dir={out / 'pretrain'}", f"data.shards={data_dir / 'train'}",
                  "checkpoint.resume=auto", f"seed={seed}"]
     if quick:
         overrides.append("optim.epochs=3")
-    return train(_config(PretrainConfig, "pretrain/demo_tiny.yaml", overrides))
+    return run(_config(PretrainConfig, "pretrain/demo_tiny.yaml", overrides))
 
 
 def probe(out: Path, data_dir: Path, weights: str, name: str, kind: str, seed: int) -> dict:
@@ -114,13 +114,12 @@ def detection(out: Path, quick: bool, seed: int, weights: str, name: str) -> dic
     of 2 on loading (``models.loading.inflate_tubelet``), and frames and image size differ
     (fixed sinusoid tables follow the grid)."""
     from finetune.detection.demo import run_detection_demo
-    from finetune.train import resolve_weights
 
-    encoder = [f"weights={resolve_weights(weights)}"] if weights else []
+    encoder = [f"weights={weights}"] if weights else []
     return run_detection_demo(
         out / "detection", run_suffix=name,
         ava_overrides=[f"seed={seed}", *encoder, *(["optim.epochs=4"] if quick else [])],
-        tad_overrides=[f"seed={seed}", *encoder, *(["epochs=6"] if quick else [])])
+        tad_overrides=[f"seed={seed}", *encoder, *(["optim.epochs=6"] if quick else [])])
 
 
 def _timed(name: str, fn: Callable[[], dict], timings: dict) -> dict:

@@ -28,6 +28,8 @@ StateDict = dict[str, torch.Tensor]
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_state")
 STRIPPED_PREFIXES = ("module.", "backbone.")
 METADATA_KEY = "model_config"
+# the encoder-only file a pretraining checkpoint exports, what fine-tuning loads
+ENCODER_EXPORT = "encoder.safetensors"
 
 
 # -- reading --------------------------------------------------------------------------------

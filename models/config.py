@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
-from runtime.config import help_text
+from runtime.config import check_choices, help_text
+from runtime.constants import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ATTENTION_TYPES = ("joint", "divided", "space_only", "mixing")
-POS_EMBED_TYPES = ("sincos_1d", "separable_sincos", "separable_learned")
-NORM_TARGETS = ("patch_channel", "patch", "none")
-FINAL_NORMS = ("auto", "norm", "fc_norm")
+Attention = Literal["joint", "divided", "space_only", "mixing"]
+PosEmbed = Literal["sincos_1d", "separable_sincos", "separable_learned"]
+NormTarget = Literal["patch_channel", "patch", "none"]
+FinalNorm = Literal["auto", "norm", "fc_norm"]
+ATTENTION_TYPES: tuple[str, ...] = get_args(Attention)
 
 
 class Dims(NamedTuple):
@@ -56,11 +56,11 @@ class ModelConfig:
     tubelet_size: int = field(default=2,
                               metadata=help_text("frames per tubelet (temporal patch size)"))
     in_chans: int = field(default=3, metadata=help_text("input channels"))
-    attention: str = field(default="joint", metadata=help_text(
+    attention: Attention = field(default="joint", metadata=help_text(
         "joint (VideoMAE space-time) | divided (TimeSformer temporal then spatial) | "
         "space_only (within each time slice, no temporal position code, as TimeSformer) | "
         "mixing (XViT space-time mixing)"))
-    pos_embed: str = field(default="sincos_1d", metadata=help_text(
+    pos_embed: PosEmbed = field(default="sincos_1d", metadata=help_text(
         "sincos_1d (VideoMAE fixed table over the token index) | separable_sincos | "
         "separable_learned (spatial + temporal tables, as mae_st)"))
     pos_embed_grid: list[int] = field(default_factory=list, metadata=help_text(
@@ -76,13 +76,13 @@ class ModelConfig:
     num_classes: int = field(default=0, metadata=help_text("classification classes (0 = no head)"))
     head_drop_rate: float = field(default=0.0,
                                   metadata=help_text("dropout before the classification head"))
-    final_norm: str = field(default="auto", metadata=help_text(
+    final_norm: FinalNorm = field(default="auto", metadata=help_text(
         "where the last LayerNorm sits: norm (on every token) | fc_norm (after mean pooling) | "
         "auto (fc_norm with a head, norm without: the official fine-tuning / pretraining layouts)"))
     decoder_embed_dim: int = field(default=0, metadata=help_text("decoder width (0 = from size)"))
     decoder_depth: int = field(default=0, metadata=help_text("decoder blocks (0 = from size)"))
     decoder_num_heads: int = field(default=0, metadata=help_text("decoder heads (0 = from size)"))
-    norm_target: str = field(default="patch_channel", metadata=help_text(
+    norm_target: NormTarget = field(default="patch_channel", metadata=help_text(
         "reconstruction target: patch_channel (VideoMAE: per patch and channel) | "
         "patch (MAE: whole patch) | none (raw pixels in [0, 1])"))
     decoder_mask_ratio: float = field(default=0.0, metadata=help_text(
@@ -110,6 +110,12 @@ class ModelConfig:
     def patch_dim(self) -> int:
         """Pixels per tubelet: tubelet * patch * patch * channels."""
         return self.tubelet_size * self.patch_size ** 2 * self.in_chans
+
+    def clip_geometry(self) -> dict[str, int]:
+        """The clip geometry the data section derives from this model: the keyword arguments
+        of ``data_tools.config.DataConfig.with_geometry``."""
+        return {"num_frames": self.num_frames, "input_size": self.img_size,
+                "patch_size": self.patch_size, "tubelet_size": self.tubelet_size}
 
     @property
     def uses_fc_norm(self) -> bool:
@@ -140,13 +146,7 @@ class ModelConfig:
         if self.size not in SIZES and self.size != "custom":
             raise ValueError(f"model.size={self.size!r} is unknown; choose one of "
                              f"{sorted(SIZES)} or 'custom'")
-        for name, value, choices in (("attention", self.attention, ATTENTION_TYPES),
-                                     ("pos_embed", self.pos_embed, POS_EMBED_TYPES),
-                                     ("norm_target", self.norm_target, NORM_TARGETS),
-                                     ("final_norm", self.final_norm, FINAL_NORMS)):
-            if value not in choices:
-                raise ValueError(
-                    f"model.{name}={value!r} is unknown; choose one of {list(choices)}")
+        check_choices(self, "model")
         for name in ("img_size", "patch_size", "num_frames", "tubelet_size", "in_chans"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")

@@ -19,7 +19,9 @@ from torch import nn
 from runtime.io import atomic_save_safetensors, atomic_write_text
 
 from .checkpoint import StateDict
-from .config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from runtime.constants import IMAGENET_MEAN, IMAGENET_STD
+
+from .config import ModelConfig
 from .videomae import VideoMAEPretrain
 
 # HF layer-internal names -> ours; order matters ("attention.output.dense" before "output.dense").

@@ -11,7 +11,8 @@ from torch import nn
 from .config import ModelConfig
 from .layers import Block, gather_tokens, layer_norm, patchify, unpatchify
 from .pos_embed import PositionEmbedding
-from .vit import VideoViT, index_to_device, init_transformer_weights, register_model, run_blocks
+from .vit import (REGISTERED_SIZES, VideoViT, index_to_device, init_transformer_weights,
+                  register_sizes, run_blocks)
 
 STD_EPS = 1e-6
 
@@ -213,32 +214,5 @@ def build_pretrain_model(cfg: ModelConfig) -> VideoMAEPretrain:
     return VideoMAEPretrain(cfg)
 
 
-@register_model
-def pretrain_videomae_micro_patch16(**overrides) -> VideoMAEPretrain:
-    """64 wide encoder, 32 wide decoder: for tests."""
-    return VideoMAEPretrain(ModelConfig(**{"size": "micro", **overrides}))
-
-
-@register_model
-def pretrain_videomae_small_patch16_224(**overrides) -> VideoMAEPretrain:
-    return VideoMAEPretrain(ModelConfig(**{"size": "small", **overrides}))
-
-
-@register_model
-def pretrain_videomae_base_patch16_224(**overrides) -> VideoMAEPretrain:
-    return VideoMAEPretrain(ModelConfig(**{"size": "base", **overrides}))
-
-
-@register_model
-def pretrain_videomae_large_patch16_224(**overrides) -> VideoMAEPretrain:
-    return VideoMAEPretrain(ModelConfig(**{"size": "large", **overrides}))
-
-
-@register_model
-def pretrain_videomae_huge_patch16_224(**overrides) -> VideoMAEPretrain:
-    return VideoMAEPretrain(ModelConfig(**{"size": "huge", **overrides}))
-
-
-@register_model
-def pretrain_videomae_giant_patch14_224(**overrides) -> VideoMAEPretrain:
-    return VideoMAEPretrain(ModelConfig(**{"size": "giant", "patch_size": 14, **overrides}))
+register_sizes("pretrain_videomae", VideoMAEPretrain,
+               tuple(size for size in REGISTERED_SIZES if size[0] != "tiny"))

@@ -207,37 +207,23 @@ def build_encoder(cfg: ModelConfig) -> VideoViT:
     return VideoViT(cfg)
 
 
-@register_model
-def vit_micro_patch16(**overrides) -> VideoViT:
-    """64 wide, 2 blocks: for tests."""
-    return VideoViT(ModelConfig(**{"size": "micro", **overrides}))
+# timm-style names ``<family>_<size>_<patch>``; each factory takes ModelConfig overrides.
+REGISTERED_SIZES: tuple[tuple[str, str, dict], ...] = (
+    ("micro", "patch16", {}),  # 64 wide, 2 blocks: for tests
+    ("tiny", "patch16_224", {}), ("small", "patch16_224", {}), ("base", "patch16_224", {}),
+    ("large", "patch16_224", {}), ("huge", "patch16_224", {}),
+    ("giant", "patch14_224", {"patch_size": 14}))
 
 
-@register_model
-def vit_tiny_patch16_224(**overrides) -> VideoViT:
-    return VideoViT(ModelConfig(**{"size": "tiny", **overrides}))
+def register_sizes(family: str, model_class: Callable[[ModelConfig], nn.Module],
+                   sizes: tuple[tuple[str, str, dict], ...] = REGISTERED_SIZES) -> None:
+    """Register ``<family>_<size>_<patch>`` for every size, e.g. ``vit_base_patch16_224``."""
+    for size, patch, fixed in sizes:
+        def factory(_size: str = size, _fixed: dict = fixed, **overrides) -> nn.Module:
+            return model_class(ModelConfig(**{"size": _size, **_fixed, **overrides}))
+        factory.__name__ = factory.__qualname__ = f"{family}_{size}_{patch}"
+        factory.__doc__ = f"{model_class.__name__} of size {size!r}; kwargs are ModelConfig fields."
+        register_model(factory)
 
 
-@register_model
-def vit_small_patch16_224(**overrides) -> VideoViT:
-    return VideoViT(ModelConfig(**{"size": "small", **overrides}))
-
-
-@register_model
-def vit_base_patch16_224(**overrides) -> VideoViT:
-    return VideoViT(ModelConfig(**{"size": "base", **overrides}))
-
-
-@register_model
-def vit_large_patch16_224(**overrides) -> VideoViT:
-    return VideoViT(ModelConfig(**{"size": "large", **overrides}))
-
-
-@register_model
-def vit_huge_patch16_224(**overrides) -> VideoViT:
-    return VideoViT(ModelConfig(**{"size": "huge", **overrides}))
-
-
-@register_model
-def vit_giant_patch14_224(**overrides) -> VideoViT:
-    return VideoViT(ModelConfig(**{"size": "giant", "patch_size": 14, **overrides}))
+register_sizes("vit", VideoViT)

@@ -9,7 +9,7 @@ import logging
 import sys
 
 from pretrain.config import PretrainConfig
-from pretrain.train import train
+from pretrain.train import run
 from runtime.config import parse_config
 from runtime.dist import init_distributed
 from runtime.engine import NonFiniteLossError, NonFiniteWeightsError
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed()
     setup_logging()
     try:
-        summary = train(cfg)
+        summary = run(cfg)
     except (NonFiniteLossError, NonFiniteWeightsError, FileExistsError, FileNotFoundError) as err:
         logger.error("%s", err)
         return 1

@@ -7,25 +7,25 @@ Sections: ``model`` (models.ModelConfig), ``data`` (data_tools.config.DataConfig
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from data_tools.config import DataConfig
 from models import ModelConfig
 from runtime.checkpoint import CheckpointConfig
+from runtime.config import help_text
 from runtime.engine import EngineConfig
 from runtime.optim import OptimConfig
-from runtime.training import check_model_matches_data
 
 
 @dataclass
 class LogConfig:
-    every_steps: int = field(default=20, metadata={
-        "help": "write loss, lr, clips/s and data-wait fraction every N optimizer steps"})
-    vis_every_steps: int = field(default=1000, metadata={
-        "help": "save a reconstruction grid PNG every N optimizer steps (0 = only at the end, "
-                "-1 = never)"})
-    vis_clips: int = field(default=4, metadata={"help": "clips shown in the reconstruction grid"})
-    tensorboard: bool = field(default=True, metadata={"help": "also write TensorBoard scalars"})
+    every_steps: int = field(default=20, metadata=help_text(
+        "write loss, lr, clips/s and data-wait fraction every N optimizer steps"))
+    vis_every_steps: int = field(default=1000, metadata=help_text(
+        "save a reconstruction grid PNG every N optimizer steps (0 = only at the end, "
+        "-1 = never)"))
+    vis_clips: int = field(default=4, metadata=help_text("clips shown in the reconstruction grid"))
+    tensorboard: bool = field(default=True, metadata=help_text("also write TensorBoard scalars"))
 
     def validate(self) -> None:
         if self.every_steps < 1 or self.vis_clips < 1 or self.vis_every_steps < -1:
@@ -34,30 +34,33 @@ class LogConfig:
 
 @dataclass
 class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={
-        "help": "pretraining model (encoder + decoder)"})
-    data: DataConfig = field(default_factory=DataConfig, metadata={
-        "help": "pretraining shards, clip sampling, augmentation and masking"})
-    optim: OptimConfig = field(default_factory=OptimConfig, metadata={
-        "help": "AdamW and the warm-up + cosine schedule"})
-    engine: EngineConfig = field(default_factory=EngineConfig, metadata={
-        "help": "DeepSpeed precision, ZeRO stage, accumulation, compile"})
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={
-        "help": "checkpoint frequency, retention and resume"})
-    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "logging and figures"})
-    out_dir: str = field(default="runs/pretrain", metadata={
-        "help": "run folder: config.yaml, deepspeed_config.json, metrics.jsonl, tensorboard/, "
-                "figures/, checkpoints/"})
-    seed: int = field(default=0, metadata={
-        "help": "seeds model init (same on every rank), per-rank RNG and, with data.seed, "
-                "the data stream"})
-    max_steps: int = field(default=0, metadata={
-        "help": "stop after this many optimizer steps in total (0 = the whole schedule); the "
-                "schedule still spans optim.epochs, so a stopped run resumes exactly"})
+    out_dir: str = field(default="runs/pretrain", metadata=help_text(
+        "run folder: config.yaml, deepspeed_config.json, metrics.jsonl, tensorboard/, "
+        "figures/, checkpoints/"))
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=help_text(
+        "pretraining model (encoder + decoder)"))
+    data: DataConfig = field(default_factory=DataConfig, metadata=help_text(
+        "pretraining shards, clip sampling, augmentation and masking"))
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata=help_text(
+        "AdamW and the warm-up + cosine schedule"))
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata=help_text(
+        "DeepSpeed precision, ZeRO stage, accumulation, compile"))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=help_text(
+        "checkpoint frequency, retention and resume"))
+    log: LogConfig = field(default_factory=LogConfig, metadata=help_text("logging and figures"))
+    seed: int = field(default=0, metadata=help_text(
+        "seeds model init (same on every rank), per-rank RNG and, with data.seed, "
+        "the data stream"))
+    max_steps: int = field(default=0, metadata=help_text(
+        "stop after this many optimizer steps in total (0 = the whole schedule); the "
+        "schedule still spans optim.epochs, so a stopped run resumes exactly"))
+
+    def resolve(self) -> PretrainConfig:
+        """The data section's clip geometry filled in from the model section (idempotent)."""
+        return replace(self, data=self.data.with_geometry(**self.model.clip_geometry()))
 
     def validate(self) -> None:
         model, data = self.model, self.data
-        check_model_matches_data(model, data)
         if tuple(model.pixel_mean) != tuple(data.mean) or tuple(model.pixel_std) != tuple(data.std):
             raise ValueError("model.pixel_mean/pixel_std must equal data.mean/std (the target "
                              "undoes the input normalisation)")

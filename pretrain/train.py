@@ -1,6 +1,6 @@
 """VideoMAE pretraining loop on DeepSpeed.
 
-``train(cfg)`` runs one rank of a run: the loader (tube masking, repeated augmentation) feeds
+``run(cfg)`` runs one rank of a run: the loader (tube masking, repeated augmentation) feeds
 ``VideoMAEPretrain`` wrapped by ``runtime.engine``; checkpoints every N steps carry the data
 position, RNG states and the step (which fixes the lr schedule) and export the encoder as
 ``encoder.safetensors`` for fine-tuning.
@@ -21,22 +21,21 @@ from pathlib import Path
 
 import torch
 
+from data_tools.stream import rank_data_config, video_stream
 from models import VideoMAEPretrain, build_pretrain_model, encoder_state_dict
-from models.checkpoint import config_metadata
+from models.checkpoint import ENCODER_EXPORT, config_metadata
 from pretrain.config import PretrainConfig
 from pretrain.visualize import save_loss_curve, save_reconstruction_grid
 from runtime.checkpoint import CheckpointManager, DataPosition
 from runtime.dist import init_distributed
 from runtime.engine import TrainEngine, create_engine
 from runtime.io import atomic_save_safetensors, atomic_write_text
-from runtime.logging import METRICS_FILE, RunLogger, progress
+from runtime.logging import METRICS_FILE
 from runtime.seed import seed_everything
-from runtime.training import DataStream, Window, open_run, rank_data_config, timed
+from runtime.training import (DataStream, Window, loop_logs, next_position, open_run,
+                              resume_from, timed)
 
 logger = logging.getLogger(__name__)
-
-ENCODER_EXPORT = "encoder.safetensors"
-
 
 def pretrain_step(engine: TrainEngine, batch: dict) -> tuple[float | None, float]:
     """Forward and ``engine.step`` on one micro-batch: ``(loss, zero_loss)``, the loss None
@@ -116,33 +115,30 @@ def check_schedule(saved: dict | None, engine: TrainEngine) -> None:
 # Loop
 
 
-def train(cfg: PretrainConfig) -> dict:
+def run(cfg: PretrainConfig) -> dict:
     """Run (or resume) pretraining on this rank; returns ``{"step", "loss", "zero_pred_loss",
     "out_dir"}`` (the losses of the last log window)."""
+    cfg = cfg.resolve()
     env = init_distributed()
     out_dir, checkpoints, resume_tag = open_run(cfg, cfg.out_dir, cfg.checkpoint, env.is_main)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_pretrain_model(cfg.model)
     seed_everything(cfg.seed, env.rank)
-    stream = DataStream(rank_data_config(cfg.data, env.rank, env.world_size), cfg.seed,
-                        env.rank, env.world_size, cfg.engine.grad_accum_steps)
+    stream = video_stream(cfg.data, cfg.seed, env.rank, env.world_size,
+                          cfg.engine.grad_accum_steps)
     engine = create_engine(model, cfg.engine, cfg.optim, cfg.data.batch_size, env.world_size,
                            out_dir, stream.steps_per_epoch)
-    client = checkpoints.load(engine, resume_tag) if resume_tag else {}
-    position = DataPosition(**client.get("data", {}))
+    client, position, stop_at = resume_from(checkpoints, engine, resume_tag, cfg.max_steps)
     check_schedule(client.get("schedule"), engine)
-    stop_at = min(cfg.max_steps or engine.schedule.total_steps, engine.schedule.total_steps)
 
-    run_log = RunLogger(out_dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard)
-    bar = progress(None, total=stop_at, initial=engine.global_step, desc="pretrain",
-                   enabled=env.is_main)
+    run_log, bar = loop_logs(out_dir, env.is_main, cfg.log.tensorboard, engine, stop_at,
+                             "pretrain")
     window, last = Window(), {}
     engine.train()
     try:
         while engine.global_step < stop_at:
-            if position.batch >= stream.batches_per_epoch:
-                position = DataPosition(position.epoch + 1, 0)
+            position = next_position(position, stream)
             for batch, wait in timed(stream.segment(position)):
                 position.batch += 1
                 loss, zero_loss = pretrain_step(engine, batch)
@@ -169,18 +165,19 @@ def train(cfg: PretrainConfig) -> dict:
     finally:
         bar.close()
         run_log.close()
-    _write_rank_summary(out_dir, env.rank, env.world_size, stream, engine)
+    _write_rank_summary(out_dir, rank_data_config(cfg.data, env.rank, env.world_size).shards,
+                        env.rank, env.world_size, stream, engine)
     if env.is_main and (out_dir / METRICS_FILE).is_file() and last:
         save_loss_curve(out_dir / METRICS_FILE, out_dir / "figures" / "loss_curve.png")
     return {"step": engine.global_step, "loss": last.get("loss", math.nan),
             "zero_pred_loss": last.get("zero_pred_loss", math.nan), "out_dir": str(out_dir)}
 
 
-def _write_rank_summary(out_dir: Path, rank: int, world_size: int, stream: DataStream,
-                        engine: TrainEngine) -> None:
+def _write_rank_summary(out_dir: Path, shards: str, rank: int, world_size: int,
+                        stream: DataStream, engine: TrainEngine) -> None:
     """``ranks/rank_<r>.json``: this rank's shards, loader counts and final weight hash."""
     summary = {"rank": rank, "world_size": world_size, "step": engine.global_step,
-               "shards": stream.data.shards.split("::"), "loader": stream.stats,
+               "shards": shards.split("::"), "loader": stream.stats,
                "nonfinite_total": engine.nonfinite_total,
                "weights_sha256": weights_fingerprint(engine.module)}
     atomic_write_text(out_dir / "ranks" / f"rank_{rank:05d}.json", json.dumps(summary, indent=2))

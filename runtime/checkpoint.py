@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from runtime.config import help_text
 from runtime.dist import barrier, get_rank, get_world_size, is_main_process
 from runtime.engine import NonFiniteWeightsError, TrainEngine
 from runtime.io import atomic_torch_save, atomic_write_text, load_state_dict
@@ -35,12 +36,12 @@ TAG_PATTERN = re.compile(r"^step_(\d+)$")
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = field(default=1000, metadata={
-        "help": "save a checkpoint every N optimizer steps (0 = only at the end)"})
-    keep_last: int = field(default=3, metadata={"help": "number of complete checkpoints kept"})
-    resume: str = field(default="", metadata={
-        "help": "'' = fresh start, 'auto' = newest complete checkpoint of this run if any, "
-                "or a checkpoint folder (…/checkpoints/step_N) or tag (step_N)"})
+    every_steps: int = field(default=1000, metadata=help_text(
+        "save a checkpoint every N optimizer steps (0 = only at the end)"))
+    keep_last: int = field(default=3, metadata=help_text("number of complete checkpoints kept"))
+    resume: str = field(default="", metadata=help_text(
+        "'' = fresh start, 'auto' = newest complete checkpoint of this run if any, "
+        "or a checkpoint folder (…/checkpoints/step_N) or tag (step_N)"))
 
     def validate(self) -> None:
         if self.every_steps < 0 or self.keep_last < 1:

@@ -1,11 +1,16 @@
 """Typed configuration: dataclasses, YAML files and dotted command-line overrides.
 
 A stage config is a tree of ``@dataclass``es. Every field carries its ``--help`` text in
-``field(metadata={"help": ...})``. Values are merged in this order: dataclass defaults, the
-YAML file given with ``--config``, then overrides (``model.depth=4``, ``--set model.depth=4``
-or ``--model.depth 4``). Each value is checked against the field's type annotation, unknown
-keys are rejected with the list of valid ones, and every dataclass that defines
-``validate()`` is validated after merging.
+``field(metadata=help_text("..."))``; a field with a fixed set of values is a ``Literal[...]``
+(the one place its choices are written; ``typing.get_args`` lists them). Values are merged in
+this order: dataclass defaults, the YAML file given with ``--config``, then overrides
+(``model.depth=4``, ``--set model.depth=4`` or ``--model.depth 4``). Each value is checked
+against the field's type annotation and unknown keys are rejected with the list of valid ones.
+After all merges, a config object that defines ``resolve()`` is replaced by
+``cfg.resolve()``: the hook that fills in derived values (e.g. the data section's clip
+geometry from the model section), so they follow every override; it must be idempotent, and
+a ValueError it raises becomes a ConfigError. Then every dataclass of the tree that defines
+``validate()`` is validated.
 """
 from __future__ import annotations
 
@@ -118,6 +123,21 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def check_choices(cfg: Any, section: str = "") -> None:
+    """Raise ValueError naming ``section.field`` when a ``Literal`` field of dataclass ``cfg``
+    holds a value outside its choices (``load_config`` checks merged values already; this
+    covers a config built in code, for its ``validate()``)."""
+    prefix = f"{section}." if section else ""
+    for name, tp in _field_types(type(cfg)).items():
+        optional, tp = _is_optional(tp)
+        value = getattr(cfg, name)
+        if typing.get_origin(tp) is not typing.Literal or (optional and value is None):
+            continue
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{prefix}{name}={value!r} is unknown; choose one of "
+                             f"{list(typing.get_args(tp))}")
+
+
 def _merge(cfg: T, updates: dict, where: str = "") -> T:
     """Return a copy of dataclass ``cfg`` with the nested mapping ``updates`` applied."""
     if not isinstance(updates, dict):
@@ -198,7 +218,8 @@ def load_yaml(path: str | Path) -> dict:
 
 def load_config(cls: type[T], yaml_path: str | Path | None = None,
                 overrides: Iterable[str] = ()) -> T:
-    """Build ``cls`` from defaults, an optional YAML file and dotted overrides, then validate."""
+    """Build ``cls`` from defaults, an optional YAML file and dotted overrides, then
+    ``resolve()`` it (when ``cls`` defines that) and validate."""
     cfg = cls()
     if yaml_path:
         try:
@@ -211,6 +232,14 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
             cfg = _merge(cfg, _nest(path, value))
         except ConfigError as err:
             raise ConfigError(f"override {text!r}: {err}") from err
+    resolve = getattr(cfg, "resolve", None)
+    if callable(resolve):
+        try:
+            cfg = resolve()
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     _validate_tree(cfg)
     return cfg
 
@@ -315,3 +344,21 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
 def help_text(text: str) -> dict:
     """``field(metadata=help_text("..."))``: the field's ``--help`` text."""
     return {"help": text}
+
+
+def derived(section: T, where: str, **owned: tuple[str, Any]) -> T:
+    """Copy of the config section ``section`` (called ``where``) with fields that another
+    section owns filled in: ``name=(owner_key, value)``.
+
+    A field left unset (None) takes the owner's value and one set to the same value is kept
+    (old YAMLs that state it twice keep working); one set to another value raises ConfigError
+    naming both keys.
+    """
+    changes = {}
+    for name, (owner_key, value) in owned.items():
+        current = getattr(section, name)
+        if current is not None and current != value:
+            raise ConfigError(f"{where}.{name}={current!r} disagrees with {owner_key}={value!r}: "
+                              f"remove {where}.{name} ({owner_key} states it once)")
+        changes[name] = value
+    return dataclasses.replace(section, **changes)

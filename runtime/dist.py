@@ -12,12 +12,14 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
 DEFAULT_MASTER_PORT = 29500
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -182,3 +184,21 @@ def all_reduce_max(value: float) -> float:
         tensor = tensor.cuda()
     torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
     return float(tensor.item())
+
+
+def gather_objects(local: T) -> list[T] | None:
+    """Every rank's ``local`` on the main process, in rank order (None on the others)."""
+    if not is_initialized() or get_world_size() == 1:
+        return [local]
+    parts: list | None = [None] * get_world_size() if get_rank() == 0 else None
+    torch_dist.gather_object(local, parts, dst=0)
+    return parts
+
+
+def broadcast_from_main(obj: T) -> T:
+    """The main process's ``obj`` on every rank (every rank must call this)."""
+    if not is_initialized() or get_world_size() == 1:
+        return obj
+    holder = [obj]
+    torch_dist.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -34,9 +34,10 @@ from typing import Any, Literal, Mapping
 import torch
 from torch import nn
 
+from runtime.config import help_text
 from runtime.dist import all_reduce_max, is_main_process
 from runtime.io import atomic_write_text
-from runtime.optim import OptimConfig, WarmupCosine, param_groups
+from runtime.optim import OptimConfig, WarmupCosine, build_adamw, lr_schedule, set_lr
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +46,16 @@ DEEPSPEED_CONFIG_NAME = "deepspeed_config.json"
 
 @dataclass
 class EngineConfig:
-    precision: Literal["fp32", "bf16", "fp16"] = field(default="bf16", metadata={
-        "help": "training precision: fp32, bf16, or fp16 with dynamic loss scaling"})
-    zero_stage: int = field(default=1, metadata={"help": "DeepSpeed ZeRO stage: 0, 1 or 2"})
-    grad_accum_steps: int = field(default=1, metadata={
-        "help": "micro-batches accumulated per optimizer step"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    deepspeed_json: str = field(default="", metadata={
-        "help": "optional DeepSpeed JSON file whose keys override the generated config"})
-    max_nonfinite_in_row: int = field(default=10, metadata={
-        "help": "stop with an error after this many non-finite losses in a row"})
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="bf16", metadata=help_text(
+        "training precision: fp32, bf16, or fp16 with dynamic loss scaling"))
+    zero_stage: int = field(default=1, metadata=help_text("DeepSpeed ZeRO stage: 0, 1 or 2"))
+    grad_accum_steps: int = field(default=1, metadata=help_text(
+        "micro-batches accumulated per optimizer step"))
+    compile: bool = field(default=False, metadata=help_text("torch.compile the model"))
+    deepspeed_json: str = field(default="", metadata=help_text(
+        "optional DeepSpeed JSON file whose keys override the generated config"))
+    max_nonfinite_in_row: int = field(default=10, metadata=help_text(
+        "stop with an error after this many non-finite losses in a row"))
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2):
@@ -216,9 +217,7 @@ class TrainEngine:
         return all_reduce_max(local_bad) == 0.0
 
     def _apply_lr(self) -> None:
-        lr = self.lr
-        for group in self.ds_engine.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        set_lr(self.ds_engine.optimizer, self.lr)
 
     def step(self, loss: torch.Tensor) -> bool:
         """Backward and, at an accumulation boundary, an optimizer step at the scheduled lr.
@@ -311,14 +310,8 @@ def create_engine(model: nn.Module, engine_cfg: EngineConfig, optim_cfg: OptimCo
     if out_dir is not None and is_main_process():
         atomic_write_text(Path(out_dir) / DEEPSPEED_CONFIG_NAME, json.dumps(ds_config, indent=2))
     global_batch = micro_batch_size * world_size * ds_config["gradient_accumulation_steps"]
-    scale = global_batch / 256
-    schedule = WarmupCosine(
-        base_lr=optim_cfg.base_lr * scale, min_lr=optim_cfg.min_lr * scale,
-        warmup_steps=round(optim_cfg.warmup_epochs * steps_per_epoch),
-        total_steps=optim_cfg.epochs * steps_per_epoch)
-    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=schedule.lr_at(0), betas=tuple(optim_cfg.betas),
-                                  eps=optim_cfg.eps)
+    schedule = lr_schedule(optim_cfg, global_batch, steps_per_epoch)
+    optimizer = build_adamw(model, optim_cfg, schedule.lr_at(0))
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if engine_cfg.compile:
         ds_engine.compile()

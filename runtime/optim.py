@@ -1,20 +1,25 @@
-"""Optimizer pieces shared by pretraining and fine-tuning.
+"""Optimizer pieces shared by every training stage.
 
 - ``OptimConfig``: the ``optim`` config section (peak / floor lr per 256 clips, warm-up,
   AdamW settings, layer-wise lr decay, gradient clipping).
 - ``param_groups``: AdamW groups without weight decay on biases, norms, tokens and position
   tables, with an optional per-layer ``lr_scale`` (layer-wise lr decay, BEiT style).
-- ``WarmupCosine``: linear warm-up then per-step cosine to a floor. DeepSpeed's built-in
-  schedulers set one lr for every group, which would erase ``lr_scale``, so the engine
-  (``runtime.engine.TrainEngine``) writes ``lr * lr_scale`` into each group itself before
-  every optimizer step.
+- ``WarmupCosine`` / ``lr_schedule``: linear warm-up then per-step cosine to a floor.
+  DeepSpeed's built-in schedulers set one lr for every group, which would erase
+  ``lr_scale``, so every training loop writes ``lr * lr_scale`` into each group itself
+  before every optimizer step (``set_lr``; ``runtime.engine.TrainEngine`` does it for
+  DeepSpeed).
+- ``build_adamw``: AdamW over those groups with the section's betas and epsilon.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
+
+from runtime.config import help_text
 
 # Parameters that never get weight decay, by their last name component, in case a model
 # does not list them in ``no_weight_decay()`` (the official models do).
@@ -23,22 +28,22 @@ NO_DECAY_NAMES = frozenset({"pos_embed", "mask_token", "cls_token"})
 
 @dataclass
 class OptimConfig:
-    base_lr: float = field(default=1.5e-4, metadata={
-        "help": "peak learning rate per 256 clips; the actual peak is "
-                "base_lr * global_batch / 256"})
-    min_lr: float = field(default=1e-5, metadata={
-        "help": "cosine floor per 256 clips, scaled by global_batch / 256 like base_lr (VideoMAE)"})
-    warmup_epochs: float = field(default=40.0, metadata={
-        "help": "epochs of linear warm-up from 0 to the peak lr"})
-    epochs: int = field(default=800, metadata={"help": "total training epochs"})
-    weight_decay: float = field(default=0.05, metadata={
-        "help": "AdamW weight decay (none on biases, norms, tokens, position embeddings)"})
-    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
-    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
-    layer_decay: float = field(default=1.0, metadata={
-        "help": "layer-wise lr decay: block i gets decay**(num_layers-1-i) (1.0 = off)"})
-    clip_grad: float = field(default=0.0, metadata={
-        "help": "clip the global gradient norm to this value (0 = off)"})
+    base_lr: float = field(default=1.5e-4, metadata=help_text(
+        "peak learning rate per 256 clips; the actual peak is "
+        "base_lr * global_batch / 256"))
+    min_lr: float = field(default=1e-5, metadata=help_text(
+        "cosine floor per 256 clips, scaled by global_batch / 256 like base_lr (VideoMAE)"))
+    warmup_epochs: float = field(default=40.0, metadata=help_text(
+        "epochs of linear warm-up from 0 to the peak lr"))
+    epochs: int = field(default=800, metadata=help_text("total training epochs"))
+    weight_decay: float = field(default=0.05, metadata=help_text(
+        "AdamW weight decay (none on biases, norms, tokens, position embeddings)"))
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=help_text("AdamW betas"))
+    eps: float = field(default=1e-8, metadata=help_text("AdamW epsilon"))
+    layer_decay: float = field(default=1.0, metadata=help_text(
+        "layer-wise lr decay: block i gets decay**(num_layers-1-i) (1.0 = off)"))
+    clip_grad: float = field(default=0.0, metadata=help_text(
+        "clip the global gradient norm to this value (0 = off)"))
 
     def validate(self) -> None:
         if self.base_lr <= 0 or self.min_lr < 0:
@@ -109,3 +114,23 @@ class WarmupCosine:
         cosine = 1.0 + math.cos(math.pi * progress)
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * cosine
 
+
+def lr_schedule(cfg: OptimConfig, global_batch: int, steps_per_epoch: int) -> WarmupCosine:
+    """The run's schedule: ``cfg.base_lr`` / ``min_lr`` are per 256 samples and scale with
+    ``global_batch`` (samples per optimizer step over all ranks)."""
+    scale = global_batch / 256
+    return WarmupCosine(base_lr=cfg.base_lr * scale, min_lr=cfg.min_lr * scale,
+                        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+                        total_steps=cfg.epochs * steps_per_epoch)
+
+
+def build_adamw(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
+    """AdamW over ``param_groups`` (weight decay and layer-wise ``lr_scale`` per group)."""
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Write ``lr * lr_scale`` into every parameter group (the one way every loop sets it)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,42 +1,31 @@
 """Training-loop pieces shared by pretraining and fine-tuning.
 
-- ``rank_data_config``: a rank's disjoint share of the shards, the epoch length kept global.
-- ``DataStream``: a rank's resampled batches as segments that each start at a
-  ``DataPosition``, with a loader seeded from that position, so a resumed run reads exactly
-  the batches an uninterrupted one would, without decoding anything twice.
+- ``DataStream``: a rank's batches as segments that each start at a ``DataPosition``, with a
+  loader seeded from that position, so a resumed run reads exactly the batches an
+  uninterrupted one would, without decoding anything twice (any loader: the video clips of
+  ``data_tools.stream``, the keyframes of AVA-style detection).
 - ``timed``: batches with the time spent waiting for each (the data-wait fraction).
 - ``Window``: sums since the last log line and their cross-rank summary.
-- ``open_run``: the run folder, its checkpoints and the tag to resume from.
-- ``check_model_matches_data``: the clips the loader makes fit the model.
+- ``open_run``: the run folder, its checkpoints and the tag to resume from; ``resume_from``:
+  the checkpoint loaded, the data position and the last step; ``loop_logs``: metrics file
+  and progress bar.
 """
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as torch_dist
 
-from data_tools.config import DataConfig
-from data_tools.loader import VideoLoader, build_loader, resolve_shards
 from runtime.checkpoint import CheckpointConfig, CheckpointManager, DataPosition, segment_seed
 from runtime.config import save_resolved_config
 from runtime.dist import is_initialized
 from runtime.engine import TrainEngine
-
-
-def check_model_matches_data(model: Any, data: DataConfig) -> None:
-    """Raise ValueError when the loader's clips (``data``) do not fit the model config."""
-    pairs = (("num_frames", model.num_frames, data.num_frames),
-             ("img_size / data.input_size", model.img_size, data.input_size),
-             ("patch_size", model.patch_size, data.patch_size),
-             ("tubelet_size", model.tubelet_size, data.tubelet_size))
-    for name, model_value, data_value in pairs:
-        if model_value != data_value:
-            raise ValueError(f"model.{name} ({model_value}) and data ({data_value}) disagree")
+from runtime.logging import RunLogger, progress
 
 
 def open_run(cfg: Any, out_dir: str | Path, checkpoint: CheckpointConfig, is_main: bool
@@ -62,52 +51,65 @@ def open_run(cfg: Any, out_dir: str | Path, checkpoint: CheckpointConfig, is_mai
 # Data
 
 
-def rank_data_config(data: DataConfig, rank: int, world_size: int) -> DataConfig:
-    """``data`` restricted to this rank's shards (``shards[rank::world_size]``).
-
-    The epoch length stays the one of the whole set, so every rank yields the same number of
-    batches per epoch.
-    """
-    shard_set = resolve_shards(data.shards)
-    if len(shard_set.urls) < world_size:
-        raise ValueError(f"data.shards ({data.shards}) has {len(shard_set.urls)} shard(s); "
-                         f"{world_size} ranks need at least one each (ranks read disjoint shards)")
-    epoch_samples = data.epoch_samples or shard_set.total_samples or 0
-    return replace(data, shards="::".join(shard_set.urls[rank::world_size]),
-                   epoch_samples=epoch_samples)
-
-
 class DataStream:
-    """Batches of one rank in a resampled ``mode`` (``pretrain`` or ``train``), as segments
-    that each start at a ``DataPosition`` with a loader seeded from it (``segment_seed``)."""
+    """Batches of one rank as segments that each start at a ``DataPosition`` with a loader
+    seeded from it (``segment_seed(base_seed, epoch, batch)``), so a resumed run reads exactly
+    the batches an uninterrupted one would, without decoding anything twice.
 
-    def __init__(self, data: DataConfig, seed: int, rank: int, world_size: int,
-                 grad_accum_steps: int, mode: str = "pretrain"):
-        self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
-        self.mode = mode
+    Args:
+        make_loader: ``seed -> iterable of batches`` (an endless or long enough stream of this
+            rank's batches; a loader with a ``stats`` dict has it summed into ``self.stats``).
+        base_seed: the run's data seed.
+        batches: micro-batches per epoch per rank (equal on every rank).
+        grad_accum_steps: micro-batches per optimizer step; an epoch is cut to whole steps, so
+            accumulation never straddles an epoch end.
+    """
+
+    def __init__(self, make_loader: Callable[[int], Iterable[dict]], base_seed: int,
+                 batches: int, grad_accum_steps: int):
+        self.make_loader, self.base_seed = make_loader, base_seed
         self.stats: dict[str, int] = {}
-        batches = len(self._loader(DataPosition()))
         self.steps_per_epoch = batches // grad_accum_steps
         if self.steps_per_epoch < 1:
             raise ValueError(f"an epoch has {batches} batches per rank, fewer than "
                              f"engine.grad_accum_steps={grad_accum_steps}")
-        # whole optimizer steps only, so accumulation never straddles an epoch end
         self.batches_per_epoch = self.steps_per_epoch * grad_accum_steps
-
-    def _loader(self, position: DataPosition) -> VideoLoader:
-        seed = segment_seed(self.seed * 1_000_003 + self.data.seed, position.epoch, position.batch)
-        return build_loader(replace(self.data, seed=seed), self.mode, self.rank, self.world_size)
 
     def segment(self, position: DataPosition) -> Iterator[dict]:
         """Batches from ``position`` to the end of its epoch (a fresh loader)."""
-        return self._drain(self._loader(position), self.batches_per_epoch - position.batch)
+        loader = self.make_loader(segment_seed(self.base_seed, position.epoch, position.batch))
+        return self._drain(loader, self.batches_per_epoch - position.batch)
 
-    def _drain(self, loader: VideoLoader, count: int) -> Iterator[dict]:
+    def _drain(self, loader: Iterable[dict], count: int) -> Iterator[dict]:
         try:
             yield from itertools.islice(loader, count)
         finally:
-            for key, value in loader.stats.items():
+            for key, value in getattr(loader, "stats", {}).items():
                 self.stats[key] = self.stats.get(key, 0) + value
+
+
+def next_position(position: DataPosition, stream: DataStream) -> DataPosition:
+    """``position``, or the start of the next epoch once ``position`` is at an epoch end."""
+    if position.batch >= stream.batches_per_epoch:
+        return DataPosition(position.epoch + 1, 0)
+    return position
+
+
+def resume_from(checkpoints: CheckpointManager, engine: TrainEngine, tag: str | None,
+                max_steps: int) -> tuple[dict, DataPosition, int]:
+    """Load checkpoint ``tag`` into ``engine`` (None: a fresh start): ``(client_state, data
+    position, stop_at)``, ``stop_at`` being ``max_steps`` capped by the schedule's length."""
+    client = checkpoints.load(engine, tag) if tag else {}
+    stop_at = min(max_steps or engine.schedule.total_steps, engine.schedule.total_steps)
+    return client, DataPosition(**client.get("data", {})), stop_at
+
+
+def loop_logs(out_dir: Path, is_main: bool, tensorboard: bool, engine: TrainEngine,
+              stop_at: int, desc: str) -> tuple[RunLogger, Any]:
+    """The run's ``RunLogger`` and a progress bar over optimizer steps (rank 0 only)."""
+    run_log = RunLogger(out_dir, enabled=is_main, tensorboard=tensorboard)
+    bar = progress(None, total=stop_at, initial=engine.global_step, desc=desc, enabled=is_main)
+    return run_log, bar
 
 
 def timed(batches: Iterable[dict]) -> Iterator[tuple[dict, float]]:

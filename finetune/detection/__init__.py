@@ -7,8 +7,9 @@
 - heads: ``RoIActionHead`` / ``ActionDetector`` and ``TemporalDetectionHead`` (+ losses,
   decoding, soft-NMS in ``tad_head``);
 - ``features.sliding_window_features``: encoder features of untrimmed videos;
+- ``config``: ``DetectConfig`` and ``TADConfig`` (the sections of fine-tuning);
 - ``demo_data``: demo detection sets; ``train_ava`` / ``train_tad``: the training loops
-  (``run_ava(cfg)``, ``run_tad(cfg)`` return the final metrics); ``demo.run_detection_demo``.
+  (``run(cfg)`` returns the final metrics); ``demo.run_detection_demo``.
 """
 from finetune.detection.annotations import AnnotationError, FrameAnnotation, LabelMap
 from finetune.detection.ava_metric import FrameAPResult, frame_average_precision

@@ -17,69 +17,18 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 import webdataset as wds
 
-from data_tools.decode import BACKENDS, DecodeError, open_video
-from data_tools.loader import resolve_shards
-from data_tools.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_resize, normalize
+from data_tools.decode import DecodeError, open_video
+from data_tools.shard_set import resolve_shards
+from data_tools.transforms import crop_resize, normalize
 from finetune.detection.annotations import AnnotationError, FrameAnnotation, FrameKey
+from finetune.detection.config import AVADataConfig
 from finetune.detection.roi_head import jitter_boxes
-from runtime.config import help_text
-
-
-@dataclass
-class AVADataConfig:
-    train_shards: str = field(
-        default="", metadata=help_text("training shard set (manifest.json, folder or pattern)"))
-    val_shards: str = field(default="", metadata=help_text("validation shard set"))
-    train_annotations: str = field(default="", metadata=help_text(
-        "ground-truth CSV video_id,timestamp,x1,y1,x2,y2,action_id,person_id (training)"))
-    val_annotations: str = field(default="",
-                                 metadata=help_text("ground-truth CSV of the validation keyframes"))
-    label_map: str = field(default="",
-                           metadata=help_text("AVA label map .pbtxt: the evaluated actions"))
-    val_proposals: str = field(default="", metadata=help_text(
-        "person proposals CSV video_id,timestamp,x1,y1,x2,y2,score for testing ('' = ground-truth "
-        "boxes)"))
-    proposal_threshold: float = field(default=0.8,
-                                      metadata=help_text("keep proposals with score >= this"))
-    unknown_actions: str = field(default="error", metadata=help_text(
-        "action ids missing from the label map: 'error' or 'skip' (AVA's 80-class files with the "
-        "60-class map)"))
-    num_frames: int = field(default=16, metadata=help_text("frames per clip"))
-    sampling_rate: int = field(default=4, metadata=help_text("frame stride within a clip"))
-    input_size: int = field(default=224,
-                            metadata=help_text("frames are resized to this height and width"))
-    backend: str = field(default="auto", metadata=help_text("video decoder: auto, decord or pyav"))
-    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN,
-                                             metadata=help_text("normalisation mean (0-1 units)"))
-    std: tuple[float, float, float] = field(default=IMAGENET_STD,
-                                            metadata=help_text("normalisation std (0-1 units)"))
-    batch_size: int = field(default=8, metadata=help_text("keyframes per batch per rank"))
-    num_workers: int = field(default=2, metadata=help_text("DataLoader workers"))
-    shuffle_buffer: int = field(default=64,
-                                metadata=help_text("shard samples held for shuffling in training"))
-    flip: bool = field(default=False,
-                       metadata=help_text(
-                           "random horizontal flip in training (off for direction labels)"))
-    box_jitter: float = field(default=0.05, metadata=help_text(
-        "training boxes: each side moves by up to this fraction of the box size"))
-
-    def validate(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"data.backend={self.backend!r} is not one of {list(BACKENDS)}")
-        if self.unknown_actions not in ("error", "skip"):
-            raise ValueError(
-                f"data.unknown_actions must be 'error' or 'skip', got {self.unknown_actions!r}")
-        for name in ("num_frames", "sampling_rate", "input_size", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0 or self.box_jitter < 0:
-            raise ValueError("data.num_workers and data.box_jitter must be >= 0")
+from runtime.training import DataStream
 
 
 def keyframe_indices(keyframe: int, num_frames: int, sampling_rate: int,
@@ -248,11 +197,23 @@ def build_keyframe_loader(
             wds.SimpleShardList(rank_urls), wds.split_by_worker, wds.tarfile_to_samples(), stage,
             wds.batched(cfg.batch_size, collation_fn=collate_keyframes, partial=True),
         )
-    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
-                           persistent_workers=train and workers > 0)
+    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers)
     if num_batches is not None:
         loader = loader.with_epoch(num_batches)
     return loader, num_batches
+
+
+def keyframe_stream(cfg: AVADataConfig, annotations: dict[FrameKey, FrameAnnotation], seed: int,
+                    rank: int, world_size: int, grad_accum_steps: int) -> DataStream:
+    """This rank's training keyframes (``cfg.shards``) as a resumable ``DataStream``: the
+    loader is rebuilt at every epoch start and after every checkpoint with a seed derived from
+    ``(seed, epoch, batch)``, as pretraining and fine-tuning do."""
+    def make_loader(segment_seed: int) -> wds.WebLoader:
+        return build_keyframe_loader(cfg, cfg.shards, annotations, True, rank, world_size,
+                                     segment_seed)[0]
+
+    _, batches = build_keyframe_loader(cfg, cfg.shards, annotations, True, rank, world_size, seed)
+    return DataStream(make_loader, seed, batches, grad_accum_steps)
 
 
 def select_proposals(proposals: dict[FrameKey, tuple[torch.Tensor, torch.Tensor]],

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 from finetune.detection.demo_data import ava_demo_paths, generate_ava_demo, generate_tad_demo
-from finetune.detection.train_ava import DetectConfig, run_ava
-from finetune.detection.train_tad import TADConfig, run_tad
+from finetune.detection import train_ava, train_tad
+from finetune.detection.config import DetectConfig, TADConfig
 from runtime.config import load_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "finetune"
@@ -34,15 +34,14 @@ def run_detection_demo(root: str | Path, ava_overrides: Sequence[str] = (),
         generate_tad_demo(root / "tad")
     paths = ava_demo_paths(root / "ava")
     ava_cfg = load_config(DetectConfig, CONFIG_DIR / "detect_demo.yaml", [
-        f"out_dir={root / f'ava_run{suffix}'}", f"data.train_shards={paths.shards['train']}",
-        f"data.val_shards={paths.shards['val']}",
-        f"data.train_annotations={paths.annotations['train']}",
-        f"data.val_annotations={paths.annotations['val']}", f"data.label_map={paths.label_map}",
-        f"data.val_proposals={paths.proposals['val']}", *ava_overrides])
+        f"out_dir={root / f'ava_run{suffix}'}", f"data.shards={paths.shards['train']}",
+        f"val.shards={paths.shards['val']}", f"data.annotations={paths.annotations['train']}",
+        f"val.annotations={paths.annotations['val']}", f"data.label_map={paths.label_map}",
+        f"val.proposals={paths.proposals['val']}", *ava_overrides])
     tad_cfg = load_config(TADConfig, CONFIG_DIR / "tad_demo.yaml", [
-        f"out_dir={root / f'tad_run{suffix}'}", f"data.train_shards={root / 'tad' / 'train'}",
-        f"data.val_shards={root / 'tad' / 'val'}", *tad_overrides])
-    ava, tad = run_ava(ava_cfg), run_tad(tad_cfg)
+        f"out_dir={root / f'tad_run{suffix}'}", f"data.shards={root / 'tad' / 'train'}",
+        f"val.shards={root / 'tad' / 'val'}", *tad_overrides])
+    ava, tad = train_ava.run(ava_cfg), train_tad.run(tad_cfg)
     return {
         "ava/frame_mAP@0.5": ava["frame_mAP@0.5"],
         "ava/prior_baseline_frame_mAP@0.5": ava["prior_baseline_frame_mAP@0.5"],

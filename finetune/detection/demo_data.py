@@ -24,11 +24,12 @@ from typing import Sequence
 
 import numpy as np
 
-from data_tools.build import SourceItem, SourceSet, build_shards
+from data_tools.build import build_shards
 from data_tools.demo import SPLITS, prepare_demo_dir
 from data_tools.demo_backgrounds import make_background
 from data_tools.demo_render import (MOTIONS, Actor, Clutter, Pose, distractor_tracks,
                                     load_digit_sprites, random_color, render_frame, sprite_pool)
+from data_tools.sources import SourceItem, SourceSet
 from data_tools.video_io import write_mp4
 from finetune.detection.annotations import LabelMap, write_ava_csv
 from runtime.config import help_text

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from finetune.detection.segments import segment_iou
+from runtime.config import help_text
 
 
 class MaskedConvBlock(nn.Module):
@@ -234,15 +235,15 @@ class DecodeConfig:
     """Decoding and soft-NMS settings (defaults: ActionFormer's THUMOS'14 config)."""
 
     score_threshold: float = field(
-        default=0.001, metadata={"help": "keep (step, class) candidates above this score"})
-    top_k: int = field(default=2000, metadata={"help": "candidates per pyramid level before NMS"})
+        default=0.001, metadata=help_text("keep (step, class) candidates above this score"))
+    top_k: int = field(default=2000, metadata=help_text("candidates per pyramid level before NMS"))
     min_length: float = field(default=0.05,
-                              metadata={"help": "drop segments shorter than this (feature steps)"})
+                              metadata=help_text("drop segments shorter than this (feature steps)"))
     nms_sigma: float = field(
-        default=0.5, metadata={"help": "Gaussian soft-NMS: scores decay by exp(-IoU^2 / sigma)"})
+        default=0.5, metadata=help_text("Gaussian soft-NMS: scores decay by exp(-IoU^2 / sigma)"))
     nms_min_score: float = field(
-        default=0.001, metadata={"help": "soft-NMS drops segments whose score falls below this"})
-    max_segments: int = field(default=200, metadata={"help": "segments kept per video"})
+        default=0.001, metadata=help_text("soft-NMS drops segments whose score falls below this"))
+    max_segments: int = field(default=200, metadata=help_text("segments kept per video"))
 
 
 def decode(outputs: list[LevelOutputs], index: int,

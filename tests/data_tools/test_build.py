@@ -14,8 +14,9 @@ import pytest
 import webdataset as wds
 
 from data_tools.build import (MAX_KEY_LENGTH, ReencodeOptions, build_shards, parse_size,
-                              plan_shards, read_sources, sanitize_keys)
+                              plan_shards, sanitize_keys)
 from data_tools.manifest import load_manifest, resolve_shards
+from data_tools.sources import read_sources
 from data_tools.video_io import probe_video, reencode_video
 from tests.data_tools.build_fixtures import (GOOD_LIST, built_set, video_dir,  # noqa: F401
                                              write_list)

@@ -10,8 +10,8 @@ from data_tools.config import DataConfig
 from data_tools.decode import decord_available
 from data_tools.loader import build_loader
 
-TINY = dict(num_frames=8, sampling_rate=2, input_size=32, patch_size=16, batch_size=4,
-            num_workers=0)
+TINY = dict(num_frames=8, sampling_rate=2, input_size=32, patch_size=16, tubelet_size=2,
+            batch_size=4, num_workers=0)
 
 
 def tiny_config(shards, **overrides) -> DataConfig:
@@ -35,9 +35,12 @@ def test_config_validation_names_the_field():
         DataConfig(sampling="uniform").validate()
     with pytest.raises(ValueError, match="num_test_crops"):
         DataConfig(num_test_crops=2).validate()
-    with pytest.raises(ValueError, match="tubelet_size"):
-        DataConfig(num_frames=15).validate()
-    DataConfig().validate()
+    with pytest.raises(ValueError, match="data.num_frames must be >= 1"):
+        DataConfig(num_frames=0).validate()
+    DataConfig().validate()  # the clip geometry may be unset (the stage derives it) ...
+    with pytest.raises(ValueError, match="data.tubelet_size not set"):  # ... until it is read
+        DataConfig(num_frames=8, input_size=32, patch_size=16).token_grid
+    assert DataConfig(**TINY).token_grid == (4, 2, 2)
 
 
 def test_eval_reads_every_sample_once_with_the_right_frames(synthetic_shards, clip_tools):
@@ -222,7 +225,7 @@ def test_bad_samples_are_skipped_counted_and_never_substituted(broken_shards, nu
 
 def test_skip_warning_names_shard_and_key(broken_shards, caplog):
     loader = build_loader(_bad_data_config(broken_shards), "eval", 0, 1)
-    with caplog.at_level(logging.WARNING, logger="data_tools.loader"):
+    with caplog.at_level(logging.WARNING, logger="data_tools"):
         read_all(loader)
     text = caplog.text
     assert "'corrupt'" in text and "data-000000.tar" in text and "decode_error" in text

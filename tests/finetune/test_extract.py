@@ -9,7 +9,7 @@ import torch
 from data_tools.loader import build_loader
 from finetune.config import ExtractConfig
 from finetune.extract import FeatureSet, load_features, run, save_features
-from finetune.train import build_model
+from finetune.common import build_model
 from runtime.io import atomic_save_safetensors
 
 
@@ -27,7 +27,7 @@ def test_clip_features_are_the_mean_pooled_encoder_tokens(encoder_file, tiny_mod
     path, model = encoder_file
     cfg = ExtractConfig(model=tiny_model_cfg(), weights=str(path), data=tiny_data_cfg("val"),
                         out=str(tmp_path / "val.safetensors"))
-    features = load_features(run(cfg))
+    features = load_features(run(cfg)["out"])
     assert features.features.shape == (20, 64) and len(set(features.keys)) == 20
     manifest = json.loads((demo_root / "val" / "manifest.json").read_text())
     assert manifest["num_samples"] == 20
@@ -46,7 +46,7 @@ def test_view_features_have_one_row_per_view(encoder_file, tiny_model_cfg, tiny_
     cfg = ExtractConfig(model=tiny_model_cfg(), weights=str(encoder_file[0]), mode="views",
                         data=tiny_data_cfg("val", num_test_clips=2, num_test_crops=3),
                         dtype="float16", out=str(tmp_path / "views.safetensors"))
-    features = load_features(run(cfg))
+    features = load_features(run(cfg)["out"])
     assert features.features.shape == (120, 64) and features.features.dtype == torch.float16
     for key in set(features.keys):
         views = sorted(v for k, v in zip(features.keys, features.views.tolist()) if k == key)
@@ -59,7 +59,7 @@ def test_sliding_windows_cover_each_video(encoder_file, tiny_model_cfg, tiny_dat
                         mode="sliding_window", window_stride=4,
                         data=tiny_data_cfg("val", sampling_rate=1),
                         out=str(tmp_path / "windows.safetensors"))
-    features = load_features(run(cfg))
+    features = load_features(run(cfg)["out"])
     assert features.features.shape == (60, 64)
     centres = features.extra["window_center"]
     for key in set(features.keys):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from data_tools.config import GEOMETRY_MODEL_KEYS
 from finetune.config import ExtractConfig, FinetuneConfig, ProbeConfig, eval_data_config
 from runtime.config import ConfigError, load_config, parse_config
 
@@ -18,7 +19,21 @@ FINETUNE_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name not i
 @pytest.mark.parametrize("name", FINETUNE_CONFIGS + sorted(KIND))
 def test_shipped_configs_load(name):
     cfg = load_config(KIND.get(name, FinetuneConfig), CONFIGS / name)
-    assert cfg.model.num_frames == cfg.data.num_frames
+    assert not set(GEOMETRY_MODEL_KEYS) & set(yaml.safe_load((CONFIGS / name).read_text())["data"])
+    assert cfg.model.num_frames == cfg.data.num_frames  # derived from the model section
+    assert cfg.data.token_grid == cfg.model.grid
+
+
+@pytest.mark.parametrize("name", ["demo_joint.yaml", *sorted(KIND)])
+def test_data_geometry_follows_the_model_section(name):
+    kind = KIND.get(name, FinetuneConfig)
+    cfg = load_config(kind, CONFIGS / name, ["model.num_frames=16", "model.img_size=64"])
+    assert (cfg.data.num_frames, cfg.data.input_size, cfg.data.patch_size) == (16, 64, 8)
+    assert cfg.resolve() == cfg
+    agreeing = load_config(kind, CONFIGS / name, ["data.num_frames=8", "data.tubelet_size=1"])
+    assert agreeing == load_config(kind, CONFIGS / name)
+    with pytest.raises(ConfigError, match="data.patch_size=16 disagrees with model.patch_size=8"):
+        load_config(kind, CONFIGS / name, ["data.patch_size=16"])
 
 
 def test_demo_configs_differ_only_in_attention():
@@ -44,7 +59,7 @@ def test_help_lists_every_field(capsys):
 
 @pytest.mark.parametrize("override, message", [
     (["data.batch_size=7", "mixup.mixup=0.8"], "needs an even data.batch_size"),
-    (["data.num_frames=4"], "model.num_frames (8) and data (4) disagree"),
+    (["data.num_frames=4"], "data.num_frames=4 disagrees with model.num_frames=8"),
     (["val.shards="], "val.shards must be set"),
     (["mixup.label_smoothing=1.5"], "label_smoothing must be in"),
     (["ema.decay=1.0"], "decay must be in"),

@@ -73,7 +73,7 @@ def resume_config(demo_root: Path, out_dir: Path, max_steps: int) -> FinetuneCon
                                   patch_size=16, num_frames=8, drop_path_rate=0.1),
         data=dataclasses.replace(FinetuneConfig().data, shards=str(demo_root / "train"),
                                  num_frames=8, sampling_rate=2, input_size=32, patch_size=16,
-                                 batch_size=4, num_workers=0, shuffle_buffer=8),
+                                 tubelet_size=2, batch_size=4, num_workers=0, shuffle_buffer=8),
         val=ValConfig(shards=str(demo_root / "val"), every_epochs=0, test_views=False),
         mixup=MixupConfig(), ema=dataclasses.replace(FinetuneConfig().ema, enabled=True, decay=0.9),
         optim=dataclasses.replace(FinetuneConfig().optim, epochs=2, warmup_epochs=0.5,

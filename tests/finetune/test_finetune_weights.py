@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from finetune.train import build_model, resolve_weights
+from finetune.common import build_model, resolve_weights
 from models import VideoMAEPretrain, build_encoder
 from runtime.io import atomic_save_safetensors
 

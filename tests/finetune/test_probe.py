@@ -14,7 +14,7 @@ from finetune.config import ProbeConfig, ProbeHeadConfig, ValConfig
 from finetune.extract import FeatureSet, load_features
 from finetune.probe import AttentiveProbe, LinearProbe, run, train_probe
 from pretrain.config import PretrainConfig
-from pretrain.train import train as pretrain
+from pretrain.train import run as pretrain
 from runtime.config import parse_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from models import VideoMAEPretrain
-from models.config import IMAGENET_MEAN, IMAGENET_STD
+from runtime.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _reference_patches(x, tubelet=2, patch=16):

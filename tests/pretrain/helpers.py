@@ -54,10 +54,10 @@ def one_torch_thread():
 def run_in_process(args: list[str]) -> dict:
     """``python -m pretrain ARGS`` in this process (one rank), without its logging set-up."""
     from pretrain.config import PretrainConfig
-    from pretrain.train import train
+    from pretrain.train import run
 
     with one_torch_thread():
-        return train(parse_config(PretrainConfig, args))
+        return run(parse_config(PretrainConfig, args))
 
 
 def subprocess_env() -> dict[str, str]:

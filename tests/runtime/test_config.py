@@ -36,6 +36,29 @@ class ToyStage:
     name: str | None = field(default=None, metadata={"help": "optional name"})
 
 
+@dataclass
+class ToyData:
+    num_frames: int | None = field(default=None, metadata={"help": "from model.num_frames"})
+
+    def validate(self):
+        if self.num_frames is None:
+            raise ValueError("data.num_frames was not derived")
+
+
+@dataclass
+class ResolvingStage:
+    """A stage whose data section takes num_frames from the model section in ``resolve()``."""
+    model: ToyModel = field(default_factory=ToyModel, metadata={"help": "the model"})
+    data: ToyData = field(default_factory=ToyData, metadata={"help": "the data"})
+
+    def resolve(self):
+        model_frames, data_frames = self.model.num_frames, self.data.num_frames
+        if data_frames is not None and data_frames != model_frames:
+            raise ValueError(f"data.num_frames={data_frames} disagrees with "
+                             f"model.num_frames={model_frames}")
+        return dataclasses.replace(self, data=ToyData(model_frames))
+
+
 def test_defaults_yaml_and_overrides_apply_in_order(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"lr": 0.5, "model": {"depth": 6}}))
@@ -122,6 +145,23 @@ def test_undocumented_field_is_rejected():
 
     with pytest.raises(ConfigError, match="Undocumented.x has no help text"):
         format_help(Undocumented)
+
+
+def test_resolve_runs_after_the_last_override_and_before_validation(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  num_frames: 8\n")
+    assert load_config(ResolvingStage).data.num_frames == 16
+    assert load_config(ResolvingStage, path).data.num_frames == 8
+    cfg = load_config(ResolvingStage, path, ["model.num_frames=4"])
+    assert cfg.data.num_frames == 4  # the derived value follows the override
+    assert cfg.resolve() == cfg  # idempotent: a resolved config loads again unchanged
+    saved = save_resolved_config(cfg, tmp_path / "run")
+    assert yaml.safe_load(saved.read_text())["data"] == {"num_frames": 4}
+    assert load_config(ResolvingStage, saved) == cfg
+    with pytest.raises(ConfigError, match="data.num_frames=6 disagrees with model.num_frames=4"):
+        load_config(ResolvingStage, path, ["model.num_frames=4", "data.num_frames=6"])
+    with pytest.raises(ConfigError, match="num_frames=15 is not divisible"):  # still validated
+        load_config(ResolvingStage, path, ["model.num_frames=15"])
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from data_tools.transforms import IMAGENET_MEAN, IMAGENET_STD
+from runtime.constants import IMAGENET_MEAN, IMAGENET_STD
 from data_tools.video_io import write_mp4
 from finetune.detection.annotations import AnnotationError, FrameAnnotation
 from finetune.detection.data import (AVADataConfig, KeyframeClips, build_keyframe_loader,

@@ -12,11 +12,12 @@ import webdataset as wds
 
 from data_tools.video_io import write_mp4
 from finetune.detection.annotations import FrameAnnotation
-from finetune.detection.data import AVADataConfig, build_keyframe_loader
+from finetune.detection.config import AVADataConfig
+from finetune.detection.data import build_keyframe_loader
 from finetune.detection.roi_head import ActionDetector, RoIActionHead
-from finetune.detection.train_ava import _broadcast, gather_to_main, predict
+from finetune.detection.train_ava import gather_scores, predict
 from models import ModelConfig, build_encoder
-from runtime.dist import free_port
+from runtime.dist import broadcast_from_main, free_port
 
 CFG = AVADataConfig(num_frames=4, sampling_rate=2, input_size=32, num_workers=0, batch_size=2)
 
@@ -46,8 +47,8 @@ def worker(rank: int, port: int, shards: list[str], out_dir: str) -> None:
     torch_dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         local = scored(shards, rank, 2)
-        merged = gather_to_main(local)
-        metrics = _broadcast({"keys": len(merged)} if rank == 0 else {})
+        merged = gather_scores(local)
+        metrics = broadcast_from_main({"keys": len(merged)} if rank == 0 else {})
         summary = {"local": sorted(map(list, local)),
                    "merged": {f"{k[0]}@{k[1]}": s.tolist() for k, (_, s) in merged.items()},
                    "metrics": metrics}

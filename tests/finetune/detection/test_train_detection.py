@@ -13,7 +13,8 @@ import json
 import pytest
 
 from finetune.detection.demo import run_detection_demo
-from finetune.detection.train_tad import TADConfig, cached_features
+from finetune.detection.config import TADConfig
+from finetune.detection.train_tad import cached_features
 from runtime.config import load_config
 from runtime.logging import read_metrics
 
@@ -66,6 +67,8 @@ def test_tad_run_writes_outputs_and_reuses_features(demo):
     cache = run / "features" / "train.safetensors"
     stamp = cache.stat().st_mtime_ns
     # no encoder needed: cached
-    videos = cached_features(None, cfg, "train", cfg.data.train_shards, "cpu")
-    assert cache.stat().st_mtime_ns == stamp and len(videos) == 12
-    assert videos[0]["features"].shape == (videos[0]["num_steps"], 64)
+    rows = cached_features(None, cfg, "train", cfg.data.shards, "cpu")
+    assert cache.stat().st_mtime_ns == stamp and len(rows.videos) == 12
+    assert rows.features.shape == (len(rows.keys), 64)
+    first = rows.keys[0]
+    assert rows.views[:rows.keys.count(first)].tolist() == list(range(rows.keys.count(first)))

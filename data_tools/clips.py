@@ -1,0 +1,176 @@
+"""The loader's worker-side stages: tar sample -> clip dicts (``ClipMaker``) -> batch
+(``ClipCollator``).
+
+A clip dict holds ``video`` uint8 ``(T, C, H, W)``, ``label`` int, ``key`` str, and, depending
+on the mode, ``mask`` / ``decoder_mask`` bool ``(N,)`` (True = masked) and ``view`` int. A
+batch holds ``video`` float32 ``(B, C, T, H, W)`` (normalised), ``label`` long ``(B,)``,
+``key`` list[str], and ``mask`` / ``decoder_mask`` bool ``(B, N)``, ``view`` long ``(B,)``
+when the clips have them. The modes are those of ``data_tools.loader``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+from data_tools import sampling
+from data_tools.config import DataConfig
+from data_tools.decode import VIDEO_EXTENSIONS, DecodeError, open_video, resolve_backend
+from data_tools.loader_stats import WORKER_CHECK_MIN_SAMPLES, LoaderStats, SampleError
+from data_tools.masking import MaskGenerator
+from data_tools.seeding import stream_seed
+from data_tools.transforms import ClipTransform, normalize_batch
+
+logger = logging.getLogger(__name__)
+
+MODES = ("pretrain", "train", "eval", "test_views")
+RESAMPLED_MODES = ("pretrain", "train")
+
+
+class ClipMaker:
+    """Turns raw tar samples into clip dicts; skips and counts samples that fail.
+
+    Each video is decoded once (the union of the frames its clips need); in pretrain/train it
+    yields ``repeat`` independently augmented clips (of one frame set, or each at its own
+    temporal position with ``repeat_sampling="independent"``), in test_views
+    ``num_test_clips x num_test_crops`` views.
+    """
+
+    def __init__(self, cfg: DataConfig, mode: str, rank: int, stats: LoaderStats,
+                 mask_generator=None, decoder_mask_generator=None):
+        self.cfg, self.mode, self.rank, self.stats = cfg, mode, rank, stats
+        self.backend = resolve_backend(cfg.backend)
+        crop = cfg.crop if cfg.crop != "auto" else (
+            "multiscale" if mode == "pretrain" else "random_resized")
+        self.transform = ClipTransform(cfg.input_size, crop, cfg.flip)
+        self.mask_generator = mask_generator
+        self.decoder_mask_generator = decoder_mask_generator
+        self.passes = 0
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        self.passes += 1
+        seed = stream_seed(self.cfg.seed, self.rank, 2, self.passes)
+        rng = np.random.default_rng(seed)
+        mask_rng = torch.Generator().manual_seed(seed)
+        for sample in samples:
+            key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+            try:
+                clips = self.make_clips(sample, rng)
+            except SampleError as err:
+                self._skip(err.reason, f"{err}", key, url)
+                continue
+            self.stats.add_decoded()
+            for clip in clips:
+                if self.mask_generator is not None:
+                    clip["mask"] = _call_mask_generator(self.mask_generator, mask_rng)
+                if self.decoder_mask_generator is not None:
+                    clip["decoder_mask"] = _call_mask_generator(self.decoder_mask_generator,
+                                                                mask_rng)
+                yield clip
+
+    def _skip(self, reason: str, message: str, key: str, url: str) -> None:
+        self.stats.add_skipped(reason)
+        logger.warning("skipping sample %r in shard %s: %s (%s)", key, url, reason, message)
+        totals = self.stats.worker_counts()
+        if int(totals.sum()) >= WORKER_CHECK_MIN_SAMPLES:
+            info = get_worker_info()
+            self.stats.check(totals, self.cfg.max_failure_fraction,
+                             f"rank {self.rank} worker {info.id if info else 0}")
+
+    def make_clips(self, sample: dict, rng: np.random.Generator) -> list[dict]:
+        label, size = _read_meta(sample)
+        video_bytes = next((sample[e] for e in VIDEO_EXTENSIONS if e in sample), None)
+        if video_bytes is None:
+            raise SampleError("missing_video", f"no video member (.{'/.'.join(VIDEO_EXTENSIONS)})")
+        cfg = self.cfg
+        independent = cfg.repeat_sampling == "independent"
+        try:
+            reader = open_video(video_bytes, self.backend, cfg.short_side, size, num_threads=1)
+            if self.mode in RESAMPLED_MODES:
+                clip_indices = [sampling.train_indices(reader.num_frames, cfg.num_frames,
+                                                       cfg.sampling_rate, cfg.sampling, rng)
+                                for _ in range(cfg.repeat if independent else 1)]
+            else:
+                num_clips = cfg.num_test_clips if self.mode == "test_views" else 1
+                clip_indices = sampling.multi_view_indices(
+                    reader.num_frames, cfg.num_frames, cfg.sampling_rate, num_clips, cfg.sampling)
+            unique, inverse = np.unique(np.concatenate(clip_indices), return_inverse=True)
+            frames = reader.get_frames(unique.tolist())
+        except DecodeError as err:
+            raise SampleError(err.reason, str(err)) from err
+        key = sample["__key__"]
+        positions = [torch.from_numpy(p) for p in inverse.reshape(len(clip_indices), -1)]
+        if len(positions) == 1 and np.array_equal(inverse, np.arange(len(inverse))):
+            positions = [None]  # the decoded frames are the clip: no gather needed
+        if self.mode in RESAMPLED_MODES and not independent:
+            positions = positions * cfg.repeat
+        clips = []
+        for clip_idx, pos in enumerate(positions):
+            if self.mode in RESAMPLED_MODES:
+                video = self.transform.train(frames, rng, pos)
+                clips.append({"video": video, "label": label, "key": key})
+                continue
+            num_crops = cfg.num_test_crops if self.mode == "test_views" else 1
+            for crop_idx, video in enumerate(self.transform.test(frames, num_crops, pos)):
+                clip = {"video": video, "label": label, "key": key}
+                if self.mode == "test_views":
+                    clip["view"] = clip_idx * num_crops + crop_idx
+                clips.append(clip)
+        return clips
+
+
+def _read_meta(sample: dict) -> tuple[int, tuple[int, int]]:
+    """``label`` and stored ``(width, height)`` (0 when absent) from the sample's json."""
+    if "json" not in sample:
+        raise SampleError("missing_json", "no .json member")
+    try:
+        meta = json.loads(sample["json"])
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected an object, got {type(meta).__name__}")
+        return int(meta.get("label", -1)), (int(meta.get("width", 0)), int(meta.get("height", 0)))
+    except (ValueError, TypeError) as err:
+        raise SampleError("bad_json", f"unreadable metadata: {err}") from err
+
+
+def _call_mask_generator(generator, rng: torch.Generator) -> torch.Tensor:
+    """This package's generators take the worker's RNG; other callables take no argument."""
+    return generator(rng) if isinstance(generator, MaskGenerator) else generator()
+
+
+class ClipCollator:
+    """Clip dicts -> a batch. The uint8 clips are normalised straight into the batch tensor,
+    allocated in shared memory inside a worker (as ``default_collate`` does), so handing the
+    batch to the main process copies nothing."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.mean, self.std = mean, std
+
+    def __call__(self, clips: list[dict]) -> dict[str, Any]:
+        first = clips[0]["video"]  # (T, C, H, W) uint8
+        shape = (len(clips), first.shape[1], first.shape[0], *first.shape[2:])
+        videos = [c["video"] for c in clips]
+        batch: dict[str, Any] = {
+            "video": normalize_batch(videos, self.mean, self.std, out=_batch_buffer(shape)),
+            "label": torch.tensor([c["label"] for c in clips], dtype=torch.long),
+            "key": [c["key"] for c in clips],
+        }
+        for name in ("mask", "decoder_mask"):
+            if name in clips[0]:
+                batch[name] = torch.stack([c[name] for c in clips])
+        if "view" in clips[0]:
+            batch["view"] = torch.tensor([c["view"] for c in clips], dtype=torch.long)
+        return batch
+
+
+def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor, in shared memory when called in a worker."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    template = torch.empty(0, dtype=torch.float32)
+    storage = template._typed_storage()._new_shared(math.prod(shape), device=template.device)
+    return template.new(storage).resize_(shape)
