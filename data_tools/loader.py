@@ -46,6 +46,7 @@ from data_tools.masking import build_decoder_mask_generator, build_mask_generato
 from data_tools.seeding import Shuffle, WorkerSeed
 from data_tools.shard_set import resolve_shards
 from runtime.dist import discover
+from runtime.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +130,11 @@ def build_loader(cfg: DataConfig, mode: str, rank: int | None = None,
     if mode in RESAMPLED_MODES:
         epoch_samples = cfg.epoch_samples or shards.total_samples
         if not epoch_samples:
-            raise ValueError(f"data.epoch_samples must be set for mode {mode!r} when "
+            raise InputError(f"data.epoch_samples must be set for mode {mode!r} when "
                              f"data.shards ({cfg.shards}) is not a manifest with counts")
         num_batches = epoch_samples * cfg.repeat // (cfg.batch_size * world_size)
         if num_batches < 1:
-            raise ValueError(f"an epoch of {epoch_samples} videos x repeat {cfg.repeat} "
+            raise InputError(f"an epoch of {epoch_samples} videos x repeat {cfg.repeat} "
                              f"gives no full batch of {cfg.batch_size} on {world_size} ranks")
         stages = [wds.ResampledShards(shards.urls, seed=cfg.seed, deterministic=True,
                                       worker_seed=WorkerSeed(cfg.seed, rank)),
@@ -143,7 +144,7 @@ def build_loader(cfg: DataConfig, mode: str, rank: int | None = None,
     else:
         readers = world_size * max(cfg.num_workers, 1)
         if len(shards.urls) < readers:
-            raise ValueError(
+            raise InputError(
                 f"mode {mode!r} reads every sample exactly once, so each of the {world_size} "
                 f"rank(s) x {max(cfg.num_workers, 1)} worker(s) needs its own shard: at least "
                 f"{readers} shards are needed, {cfg.shards} has {len(shards.urls)}. Write "

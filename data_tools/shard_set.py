@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from data_tools.manifest import find_manifest
 from data_tools.manifest import resolve_shards as manifest_shard_urls
+from runtime.errors import InputError
 
 
 @dataclass
@@ -27,7 +28,7 @@ def resolve_shards(spec: str) -> ShardSet:
     """Shard URLs (and per-shard counts and classes when a manifest is found) for
     ``data.shards``; see ``data_tools.manifest.resolve_shards`` for the accepted forms."""
     if not spec:
-        raise ValueError("data.shards is empty: give a manifest.json, a shard directory or "
+        raise InputError("data.shards is empty: give a manifest.json, a shard directory or "
                          "a shard pattern")
     try:
         manifest = find_manifest(spec)
@@ -36,4 +37,4 @@ def resolve_shards(spec: str) -> ShardSet:
                             list(manifest.classes))
         return ShardSet(manifest_shard_urls(spec))
     except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"data.shards={spec!r}: {err}") from err
+        raise InputError(f"data.shards={spec!r}: {err}") from err

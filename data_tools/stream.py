@@ -12,6 +12,7 @@ from dataclasses import replace
 from data_tools.config import DataConfig
 from data_tools.loader import VideoLoader, build_loader
 from data_tools.shard_set import resolve_shards
+from runtime.errors import InputError
 from runtime.training import DataStream
 
 
@@ -20,7 +21,7 @@ def rank_data_config(data: DataConfig, rank: int, world_size: int) -> DataConfig
     epoch length of the whole set."""
     shard_set = resolve_shards(data.shards)
     if len(shard_set.urls) < world_size:
-        raise ValueError(f"data.shards ({data.shards}) has {len(shard_set.urls)} shard(s); "
+        raise InputError(f"data.shards ({data.shards}) has {len(shard_set.urls)} shard(s); "
                          f"{world_size} ranks need at least one each (ranks read disjoint shards)")
     epoch_samples = data.epoch_samples or shard_set.total_samples or 0
     return replace(data, shards="::".join(shard_set.urls[rank::world_size]),

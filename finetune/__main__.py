@@ -15,7 +15,9 @@ from finetune.train import run
 from runtime.config import parse_config
 from runtime.dist import init_distributed, is_main_process
 from runtime.engine import NonFiniteLossError, NonFiniteWeightsError
+from runtime.errors import run_command
 from runtime.logging import setup_logging
+from runtime.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 logger = logging.getLogger("finetune")
 
@@ -27,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         metrics = run(cfg)
+    except Preempted as stop:
+        logger.warning("%s", stop)
+        return PREEMPTED_EXIT_CODE
     except (NonFiniteLossError, NonFiniteWeightsError) as err:
         logger.error("%s", err)
         return 1
@@ -36,4 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -16,6 +16,7 @@ from torch import nn
 from models import ModelConfig, VideoViT, build_encoder, load_encoder_weights
 from models.checkpoint import ENCODER_EXPORT
 from runtime.dist import discover
+from runtime.errors import InputError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +46,11 @@ def resolve_weights(source: str | Path) -> Path:
                 return tag_dir / ENCODER_EXPORT
         if any((path / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
             return path  # HF model directory
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path} is a folder without {ENCODER_EXPORT}, checkpoints/latest or an HF "
             "model.safetensors / pytorch_model.bin: pass the weights file")
-    raise FileNotFoundError(f"pretrained weights {path} do not exist")
+    raise MissingInputError(f"pretrained weights {path} do not exist: check the weights / "
+                            "pretrained field")
 
 
 def build_model(cfg: ModelConfig, weights: str, strict: bool = True, seed: int = 0,
@@ -67,7 +69,7 @@ def build_model(cfg: ModelConfig, weights: str, strict: bool = True, seed: int =
         try:
             report = load_encoder_weights(model, path, strict=strict)
         except ValueError as err:
-            raise ValueError(f"cannot load {path} into a {cfg.attention}-attention model with "
+            raise InputError(f"cannot load {path} into a {cfg.attention}-attention model with "
                              f"{cfg.num_frames} frames at {cfg.img_size}px: {err}") from err
         logger.info("loaded %s into the %s model:\n%s", path, cfg.attention, report)
     return model

@@ -17,6 +17,7 @@ from models import ModelConfig
 from runtime.checkpoint import CheckpointConfig
 from runtime.config import help_text
 from runtime.engine import EngineConfig
+from runtime.errors import InputError
 from runtime.optim import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def eval_data_config(data: DataConfig, shards: str, world_size: int, batch_size:
     """
     count = len(resolve_shards(shards).urls)
     if count < world_size:
-        raise ValueError(f"{shards} has {count} shard(s) but {world_size} ranks each need one "
+        raise InputError(f"{shards} has {count} shard(s) but {world_size} ranks each need one "
                          "(every video is read once, by one rank): write smaller shards")
     workers = data.num_workers if num_workers < 0 else num_workers
     if workers > count // world_size:

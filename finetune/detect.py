@@ -8,13 +8,16 @@ comes from ``python -m finetune.detection.demo_data ava --out DIR``.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 from finetune.detection.config import DetectConfig
 from finetune.detection.train_ava import run
 from runtime.config import parse_config
 from runtime.dist import init_distributed, is_main_process
+from runtime.errors import run_command
 from runtime.logging import setup_logging
+from runtime.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,11 +26,15 @@ def main(argv: list[str] | None = None) -> int:
                                    "encoder with an RoI head, then score frame mAP.")
     init_distributed()
     setup_logging()
-    metrics = run(cfg)
+    try:
+        metrics = run(cfg)
+    except Preempted as stop:
+        logging.getLogger("finetune.detect").warning("%s", stop)
+        return PREEMPTED_EXIT_CODE
     if is_main_process():
         print(json.dumps(metrics, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

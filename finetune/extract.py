@@ -38,6 +38,7 @@ from finetune.detection.features import sliding_window_features
 from finetune.common import autocast_for, build_model, default_device
 from runtime.config import parse_config, to_dict
 from runtime.dist import barrier, get_rank, get_world_size, init_distributed
+from runtime.errors import run_command
 from runtime.io import atomic_save_safetensors
 from runtime.logging import progress, setup_logging
 
@@ -291,4 +292,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command(main))

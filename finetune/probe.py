@@ -35,6 +35,7 @@ from finetune.common import build_model, default_device, resolve_weights
 from finetune.extract import FeatureSet, cached_feature_set, extract_split
 from runtime.config import parse_config, save_resolved_config, to_dict
 from runtime.dist import broadcast_from_main, get_rank, init_distributed
+from runtime.errors import run_command
 from runtime.io import atomic_write_text
 from runtime.logging import RunLogger, setup_logging
 from runtime.optim import WarmupCosine, param_groups, set_lr
@@ -237,4 +238,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command(main))

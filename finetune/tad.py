@@ -13,6 +13,7 @@ import sys
 from finetune.detection.config import TADConfig
 from finetune.detection.train_tad import run
 from runtime.config import parse_config
+from runtime.errors import run_command
 from runtime.logging import setup_logging
 
 
@@ -26,4 +27,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

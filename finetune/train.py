@@ -36,7 +36,9 @@ from runtime.dist import broadcast_from_main, init_distributed
 from runtime.engine import TrainEngine, create_engine
 from runtime.io import atomic_save_safetensors, atomic_write_text
 from runtime.seed import seed_everything
-from runtime.training import Window, loop_logs, next_position, open_run, resume_from, timed
+from runtime.preemption import Preempted, PreemptionSignal
+from runtime.training import (Window, checkpoint_now, loop_logs, next_position, open_run,
+                              resume_from, timed)
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +166,7 @@ def run(cfg: FinetuneConfig) -> dict:
     run_log, bar = loop_logs(out_dir, env.is_main, cfg.log.tensorboard, engine, stop_at,
                              "finetune")
     window, last = Window(), {}
+    preemption = PreemptionSignal().install()  # SIGUSR1 / SIGTERM: checkpoint, then stop
     engine.train()
     try:
         while engine.global_step < stop_at:
@@ -195,9 +198,13 @@ def run(cfg: FinetuneConfig) -> dict:
                 every = cfg.val.every_epochs
                 if epoch_done and every and (position.epoch + 1) % every == 0 and step < stop_at:
                     validate(position.epoch)
-                every = cfg.checkpoint.every_steps
-                if step == stop_at or (every and step % every == 0):
+                save, preempted = checkpoint_now(step, stop_at, cfg.checkpoint.every_steps,
+                                                 position, preemption)
+                if save:
                     checkpoints.save(engine, step, client_state())
+                if preempted:
+                    raise Preempted(step, str(out_dir))
+                if save:
                     break  # the next segment's loader starts at the checkpointed position
         bar.close()  # before the test's own progress bar
         metrics = final_test(cfg, engine, ema, num_classes, class_names, env.rank,
@@ -206,6 +213,7 @@ def run(cfg: FinetuneConfig) -> dict:
         run_log.log(engine.global_step, tag="test", **{k: v for k, v in metrics.items()
                                                        if isinstance(v, float)})
     finally:
+        preemption.restore()
         bar.close()
         run_log.close()
     return metrics

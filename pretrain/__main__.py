@@ -13,7 +13,9 @@ from pretrain.train import run
 from runtime.config import parse_config
 from runtime.dist import init_distributed
 from runtime.engine import NonFiniteLossError, NonFiniteWeightsError
+from runtime.errors import run_command
 from runtime.logging import setup_logging
+from runtime.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 logger = logging.getLogger("pretrain")
 
@@ -44,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         summary = run(cfg)
-    except (NonFiniteLossError, NonFiniteWeightsError, FileExistsError, FileNotFoundError) as err:
+    except Preempted as stop:
+        logger.warning("%s", stop)
+        return PREEMPTED_EXIT_CODE
+    except (NonFiniteLossError, NonFiniteWeightsError) as err:
         logger.error("%s", err)
         return 1
     logger.info("finished at step %d (loss %.4f); run folder %s", summary["step"],
@@ -53,4 +58,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -32,8 +32,9 @@ from runtime.engine import TrainEngine, create_engine
 from runtime.io import atomic_save_safetensors, atomic_write_text
 from runtime.logging import METRICS_FILE
 from runtime.seed import seed_everything
-from runtime.training import (DataStream, Window, loop_logs, next_position, open_run,
-                              resume_from, timed)
+from runtime.preemption import Preempted, PreemptionSignal
+from runtime.training import (DataStream, Window, checkpoint_now, loop_logs, next_position,
+                              open_run, resume_from, timed)
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def run(cfg: PretrainConfig) -> dict:
     run_log, bar = loop_logs(out_dir, env.is_main, cfg.log.tensorboard, engine, stop_at,
                              "pretrain")
     window, last = Window(), {}
+    preemption = PreemptionSignal().install()  # SIGUSR1 / SIGTERM: checkpoint, then stop
     engine.train()
     try:
         while engine.global_step < stop_at:
@@ -158,11 +160,16 @@ def run(cfg: PretrainConfig) -> dict:
                 vis = cfg.log.vis_every_steps
                 if env.is_main and vis >= 0 and ((vis and step % vis == 0) or step == stop_at):
                     save_reconstruction(engine, cfg, batch, step, out_dir)
-                every = cfg.checkpoint.every_steps
-                if step == stop_at or (every and step % every == 0):
+                save, preempted = checkpoint_now(step, stop_at, cfg.checkpoint.every_steps,
+                                                 position, preemption)
+                if save:
                     save_checkpoint(checkpoints, engine, step, position)
+                if preempted:
+                    raise Preempted(step, str(out_dir))
+                if save:
                     break  # the next segment's loader starts at the checkpointed position
     finally:
+        preemption.restore()
         bar.close()
         run_log.close()
     _write_rank_summary(out_dir, rank_data_config(cfg.data, env.rank, env.world_size).shards,

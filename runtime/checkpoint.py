@@ -54,19 +54,29 @@ class CheckpointConfig:
 
 @dataclass
 class DataPosition:
-    """Where a run's data stream stands: ``batch`` micro-batches of ``epoch`` consumed.
-    Stored in the checkpoint's client state as ``asdict(position)``."""
+    """Where a run's data stream stands: ``batch`` micro-batches of ``epoch`` consumed, read
+    by a loader that started at micro-batch ``segment_start`` of the epoch. Stored in the
+    checkpoint's client state as ``asdict(position)``."""
 
     epoch: int = 0
     batch: int = 0
+    segment_start: int = 0
+
+    def restart_here(self) -> "DataPosition":
+        """Mark that the next batch comes from a fresh loader started at ``batch`` (what a
+        stage does after a scheduled checkpoint); returns ``self``."""
+        self.segment_start = self.batch
+        return self
 
 
 def segment_seed(seed: int, epoch: int, start: int) -> int:
     """Loader seed of the stream segment that starts at micro-batch ``start`` of ``epoch``.
 
-    A stage rebuilds its loader at every epoch start and after every checkpoint, seeded from
-    that position; a resumed run then reads exactly the batches an uninterrupted run reads,
-    without decoding and discarding the batches before the checkpoint.
+    A stage rebuilds its loader at every epoch start and after every scheduled checkpoint,
+    seeded from that position; a run resumed from such a checkpoint then reads exactly the
+    batches an uninterrupted run reads without decoding anything twice. A checkpoint taken
+    mid-segment (on a preemption signal) resumes by rebuilding that segment's loader and
+    skipping the batches already consumed: at most one checkpoint interval decoded twice.
     """
     return int(np.random.SeedSequence([seed, epoch, start]).generate_state(1)[0])
 

@@ -317,6 +317,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
                         help="override one field (repeatable); same as a bare KEY=VALUE")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an input error (also VIDEO_DEBUG=1)")
     args, rest = parser.parse_known_args(argv)
     overrides = list(args.set)
     i = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Mapping, TypeVar
 
@@ -98,11 +99,15 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
 
     if "OMPI_COMM_WORLD_RANK" in env:
         world = _int(env, "OMPI_COMM_WORLD_SIZE")
+        local_world = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", world))
+        if addr is None and local_world < world:
+            raise ValueError(
+                f"OpenMPI run of {world} ranks over several nodes ({local_world} per node) "
+                "without MASTER_ADDR: every rank must meet at one address; pass the first "
+                "node's name, e.g. mpirun -x MASTER_ADDR=$(hostname) -x MASTER_PORT=29500 ...")
         return DistEnv(_int(env, "OMPI_COMM_WORLD_RANK"), world,
-                       int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
-                       int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", world)),
-                       addr or env.get("PMIX_SERVER_URI_HOST", "127.0.0.1"),
-                       port or DEFAULT_MASTER_PORT, "openmpi")
+                       int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), local_world,
+                       addr or "127.0.0.1", port or DEFAULT_MASTER_PORT, "openmpi")
 
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         if addr is None:
@@ -112,13 +117,32 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
                 raise ValueError("SLURM run without SLURM_JOB_NODELIST: set MASTER_ADDR")
             addr = first_host(nodelist)
         if port is None:
-            job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
-            port = 15000 + job_id % 20000
+            port = job_port(int(env.get("SLURM_JOB_ID", "0") or 0))
         return DistEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
                        int(env.get("SLURM_LOCALID", 0)), _slurm_tasks_per_node(env),
                        addr, port, "slurm")
 
     return DistEnv(0, 1, 0, 1, addr or "127.0.0.1", port or DEFAULT_MASTER_PORT, "single")
+
+
+def job_port(job_id: int) -> int:
+    """The master port of a SLURM job without MASTER_PORT: ``15000 + job_id % 15000``, below
+    Linux's ephemeral range (32768+), different for jobs that share a node. The sbatch script
+    (``python -m runtime.dist master-port``) moves up from it until a port is free on the first
+    node and exports it; an srun-only start uses it as it is."""
+    return 15000 + job_id % 15000
+
+
+def first_free_port(start: int) -> int:
+    """``start`` or the next port above it that can be bound on this host."""
+    port = start
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+                return port
+            except OSError:
+                port += 1
 
 
 def free_port() -> int:
@@ -202,3 +226,18 @@ def broadcast_from_main(obj: T) -> T:
     holder = [obj]
     torch_dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m runtime.dist master-port``: print the port a SLURM job's ranks meet on (the
+    job's ``job_port``, moved up until free here); used by ``launch/slurm_pretrain.sbatch``."""
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["master-port"]:
+        print("usage: python -m runtime.dist master-port", file=sys.stderr)
+        return 2
+    print(first_free_port(job_port(int(os.environ.get("SLURM_JOB_ID", "0") or 0))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

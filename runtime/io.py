@@ -6,7 +6,6 @@ half-written file under the final name.
 """
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from contextlib import contextmanager
@@ -57,18 +56,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_save_safetensors(state_dict: dict[str, "torch.Tensor"], path: str | Path,
                             metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save as st_save
+    """Write straight into the temporary file (no serialised copy of the tensors in memory)."""
+    from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    return atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
 
 
 def atomic_torch_save(obj, path: str | Path) -> Path:
+    """``torch.save`` straight into the temporary file."""
     import torch
 
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def load_state_dict(path: str | Path) -> dict:

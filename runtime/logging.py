@@ -80,9 +80,57 @@ def read_metrics(path: str | Path, tag: str | None = None) -> list[dict]:
     return [r for r in rows if tag is None or r.get("tag") == tag]
 
 
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "",
+class PlainProgress:
+    """tqdm's interface for batch jobs (stderr is a file, not a terminal): one plain line per
+    ``set_postfix`` call - a training loop's log step - with the step, the given values and
+    the ETA, and a last line at ``close``; no carriage-return redraws."""
+
+    def __init__(self, iterable: Iterable[T] | None = None, total: int | None = None,
+                 desc: str = "", enabled: bool = True, initial: int = 0, **_: object):
+        self.iterable, self.total, self.desc, self.enabled = iterable, total, desc, enabled
+        self.n = self.initial = initial
+        self.start = time.perf_counter()
+        self.closed = False
+
+    def __iter__(self) -> Iterator[T]:
+        for item in self.iterable:
+            yield item
+            self.n += 1
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def _write(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write(f"{self.desc}: {text}\n")
+            sys.stderr.flush()
+
+    def _eta(self) -> str:
+        elapsed, done = time.perf_counter() - self.start, self.n - self.initial
+        if not self.total or done <= 0:
+            return ""
+        remaining = (self.total - self.n) * elapsed / done
+        return f" eta {time.strftime('%H:%M:%S', time.gmtime(max(remaining, 0.0)))}"
+
+    def set_postfix(self, refresh: bool = True, **values: object) -> None:
+        total = f"/{self.total}" if self.total else ""
+        fields = " ".join(f"{name}={value}" for name, value in values.items())
+        self._write(f"step {self.n}{total} {fields}{self._eta()}")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            elapsed = time.perf_counter() - self.start
+            self._write(f"{self.n - self.initial} done in {elapsed:.1f} s")
+
+
+def progress(iterable: Iterable[T] | None, total: int | None = None, desc: str = "",
              enabled: bool | None = None, **kwargs) -> Iterator[T]:
-    """tqdm on the main process, the plain iterable elsewhere."""
+    """A progress bar on the main process: tqdm when stderr is a terminal, else
+    ``PlainProgress`` lines (batch jobs' log files); nothing on the other ranks."""
     enabled = is_main_process() if enabled is None else enabled
+    if not sys.stderr.isatty():
+        return PlainProgress(iterable, total=total, desc=desc, enabled=enabled, **kwargs)
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True,
                 mininterval=1.0, **kwargs)

@@ -25,7 +25,9 @@ from runtime.checkpoint import CheckpointConfig, CheckpointManager, DataPosition
 from runtime.config import save_resolved_config
 from runtime.dist import is_initialized
 from runtime.engine import TrainEngine
+from runtime.errors import RunExistsError
 from runtime.logging import RunLogger, progress
+from runtime.preemption import PreemptionSignal
 
 
 def open_run(cfg: Any, out_dir: str | Path, checkpoint: CheckpointConfig, is_main: bool
@@ -40,7 +42,7 @@ def open_run(cfg: Any, out_dir: str | Path, checkpoint: CheckpointConfig, is_mai
     checkpoints = CheckpointManager(out_dir / "checkpoints", checkpoint.keep_last)
     resume_tag = checkpoints.resolve(checkpoint.resume)
     if resume_tag is None and checkpoints.complete_tags():
-        raise FileExistsError(f"{out_dir} already holds checkpoints; pass checkpoint.resume=auto "
+        raise RunExistsError(f"{out_dir} already holds checkpoints; pass checkpoint.resume=auto "
                               "to continue that run, or choose another out_dir")
     if is_main:
         save_resolved_config(cfg, out_dir)
@@ -76,13 +78,18 @@ class DataStream:
         self.batches_per_epoch = self.steps_per_epoch * grad_accum_steps
 
     def segment(self, position: DataPosition) -> Iterator[dict]:
-        """Batches from ``position`` to the end of its epoch (a fresh loader)."""
-        loader = self.make_loader(segment_seed(self.base_seed, position.epoch, position.batch))
-        return self._drain(loader, self.batches_per_epoch - position.batch)
+        """Batches from ``position`` to the end of its epoch: the loader of the segment that
+        starts at ``position.segment_start``, its first ``batch - segment_start`` batches
+        skipped (none, unless resuming from a mid-segment checkpoint)."""
+        start = position.segment_start
+        if not 0 <= start <= position.batch:
+            raise ValueError(f"data position {position} has a segment start after its batch")
+        loader = self.make_loader(segment_seed(self.base_seed, position.epoch, start))
+        return self._drain(loader, position.batch - start, self.batches_per_epoch - start)
 
-    def _drain(self, loader: Iterable[dict], count: int) -> Iterator[dict]:
+    def _drain(self, loader: Iterable[dict], skip: int, stop: int) -> Iterator[dict]:
         try:
-            yield from itertools.islice(loader, count)
+            yield from itertools.islice(loader, skip, stop)
         finally:
             for key, value in getattr(loader, "stats", {}).items():
                 self.stats[key] = self.stats.get(key, 0) + value
@@ -101,7 +108,10 @@ def resume_from(checkpoints: CheckpointManager, engine: TrainEngine, tag: str | 
     position, stop_at)``, ``stop_at`` being ``max_steps`` capped by the schedule's length."""
     client = checkpoints.load(engine, tag) if tag else {}
     stop_at = min(max_steps or engine.schedule.total_steps, engine.schedule.total_steps)
-    return client, DataPosition(**client.get("data", {})), stop_at
+    data = client.get("data", {})
+    # checkpoints written before segment_start existed were all taken at a segment start
+    position = DataPosition(**{"segment_start": data.get("batch", 0), **data})
+    return client, position, stop_at
 
 
 def loop_logs(out_dir: Path, is_main: bool, tensorboard: bool, engine: TrainEngine,
@@ -110,6 +120,20 @@ def loop_logs(out_dir: Path, is_main: bool, tensorboard: bool, engine: TrainEngi
     run_log = RunLogger(out_dir, enabled=is_main, tensorboard=tensorboard)
     bar = progress(None, total=stop_at, initial=engine.global_step, desc=desc, enabled=is_main)
     return run_log, bar
+
+
+def checkpoint_now(step: int, stop_at: int, every_steps: int, position: DataPosition,
+                   preemption: PreemptionSignal) -> tuple[bool, bool]:
+    """``(save, preempted)`` after optimizer step ``step`` (every rank, every step: asking
+    ``preemption`` is a collective). A checkpoint is due at the last step, every
+    ``every_steps`` steps, or when a stop signal reached any rank; a scheduled one also marks
+    ``position`` as the start of the next loader segment (the loop then starts a fresh one),
+    a preemption checkpoint keeps the current segment so a resumed run skips into it."""
+    preempted = preemption.requested()
+    scheduled = step == stop_at or bool(every_steps and step % every_steps == 0)
+    if scheduled:
+        position.restart_here()
+    return scheduled or preempted, preempted
 
 
 def timed(batches: Iterable[dict]) -> Iterator[tuple[dict, float]]:

@@ -38,7 +38,9 @@ from runtime.engine import create_engine
 from runtime.io import atomic_write_text
 from runtime.logging import progress
 from runtime.seed import seed_everything
-from runtime.training import Window, loop_logs, next_position, open_run, resume_from, timed
+from runtime.preemption import Preempted, PreemptionSignal
+from runtime.training import (Window, checkpoint_now, loop_logs, next_position, open_run,
+                              resume_from, timed)
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +160,7 @@ def run(cfg: DetectConfig) -> dict[str, float]:
     run_log, bar = loop_logs(out_dir, env.is_main, cfg.log.tensorboard, engine, stop_at,
                              "detect")
     window = Window()
+    preemption = PreemptionSignal().install()  # SIGUSR1 / SIGTERM: checkpoint, then stop
     engine.train()
     try:
         while engine.global_step < stop_at:
@@ -186,14 +189,19 @@ def run(cfg: DetectConfig) -> dict[str, float]:
                 every = val.every_epochs
                 if epoch_done and every and (position.epoch + 1) % every == 0 and step < stop_at:
                     validate()
-                every = cfg.checkpoint.every_steps
-                if step == stop_at or (every and step % every == 0):
+                save, preempted = checkpoint_now(step, stop_at, cfg.checkpoint.every_steps,
+                                                 position, preemption)
+                if save:
                     checkpoints.save(engine, step, {"data": asdict(position),
                                                     "schedule": asdict(engine.schedule)})
+                if preempted:
+                    raise Preempted(step, str(out_dir))
+                if save:
                     break  # the next segment's loader starts at the checkpointed position
         bar.close()  # before the evaluation's own progress bar
         metrics = validate()
     finally:
+        preemption.restore()
         bar.close()
         run_log.close()
     if env.is_main:

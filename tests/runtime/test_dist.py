@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.dist import discover, first_host
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from runtime.dist import discover, first_free_port, first_host, job_port
 
 
 def test_single_process_defaults():
@@ -34,7 +40,7 @@ def test_slurm_variables_give_first_host_and_job_port():
                     "SLURM_JOB_ID": "123456"})
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (6, 8, 2, 4)
     assert env.master_addr == "gpu017" and env.launcher == "slurm"
-    assert env.master_port == 15000 + 123456 % 20000
+    assert env.master_port == job_port(123456) == 15000 + 123456 % 15000
     assert env.node_rank == 1
 
 
@@ -68,3 +74,32 @@ def test_bad_values_are_named():
         discover({"RANK": "0", "WORLD_SIZE": "two"})
     with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
         discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+def test_multinode_openmpi_without_master_addr_fails_clearly():
+    env = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+           "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    with pytest.raises(ValueError, match="without MASTER_ADDR.*mpirun -x MASTER_ADDR"):
+        discover(env)
+    one_node = discover({**env, "OMPI_COMM_WORLD_LOCAL_SIZE": "4"})
+    assert one_node.master_addr == "127.0.0.1"
+
+
+def test_job_ports_stay_below_the_ephemeral_range_and_skip_busy_ports():
+    assert all(15000 <= job_port(job) < 30000 for job in (0, 14999, 15000, 10**9 + 7))
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        taken = busy.getsockname()[1]
+        assert first_free_port(taken) > taken
+
+
+def test_sbatch_script_and_srun_only_start_use_one_port_formula():
+    """The sbatch script asks ``python -m runtime.dist master-port`` (no formula of its own)."""
+    repo = Path(__file__).resolve().parents[2]
+    script = (repo / "launch" / "slurm_pretrain.sbatch").read_text()
+    assert "python\" -m runtime.dist master-port" in script and "% 1" not in script
+    out = subprocess.run([sys.executable, "-m", "runtime.dist", "master-port"], cwd=repo,
+                         env={**os.environ, "SLURM_JOB_ID": "4242"}, capture_output=True,
+                         text=True, check=True).stdout
+    assert re.fullmatch(r"\d+\n", out) and int(out) >= job_port(4242)

@@ -1,15 +1,20 @@
-"""runtime.io atomic writes / weights-only loading, runtime.logging, runtime.seed."""
+"""runtime.io atomic writes / weights-only loading, runtime.logging, runtime.seed,
+runtime.preemption."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import re
+import signal
 
 import pytest
 import torch
 
 from runtime.io import atomic_path, atomic_save_safetensors, atomic_torch_save, load_state_dict
-from runtime.logging import RunLogger, read_metrics
+from runtime.logging import RunLogger, progress, read_metrics
+from runtime.preemption import PreemptionSignal
 from runtime.seed import rng_state, seed_everything, set_rng_state
 
 
@@ -71,3 +76,48 @@ def test_rng_state_round_trip_is_exact():
     set_rng_state(state)
     second = (random.random(), torch.rand(3))
     assert first[0] == second[0] and torch.equal(first[1], second[1])
+
+
+def test_progress_in_a_batch_job_writes_plain_lines(capsys):
+    """stderr is not a terminal under pytest, as in a SLURM log file: one line per log step
+    with the step, the values and an ETA, no carriage returns; other ranks write nothing."""
+    bar = progress(None, total=100, initial=40, desc="pretrain", enabled=True)
+    bar.update(10)
+    bar.set_postfix(loss="0.3712", lr="1.00e-04", refresh=False)
+    bar.close()
+    quiet = progress(range(3), desc="eval", enabled=False)
+    assert list(quiet) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("pretrain: step 50/100 loss=0.3712 lr=1.00e-04")
+    assert re.search(r" eta \d\d:\d\d:\d\d$", lines[0]) and lines[1].startswith("pretrain: 10 done")
+
+
+def test_signal_sets_a_flag_instead_of_ending_the_process():
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionSignal() as preemption:
+        assert not preemption.requested()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preemption.received == signal.SIGUSR1 and preemption.requested()
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_exports_stream_into_the_file_without_an_in_memory_copy(tmp_path, monkeypatch):
+    """A ViT-g export is ~4 GB: serialising it to bytes first doubled rank 0's memory."""
+    import safetensors.torch
+
+    def no_bytes(*args, **kwargs):
+        raise AssertionError("serialised into memory")
+
+    monkeypatch.setattr(safetensors.torch, "save", no_bytes)
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    atomic_save_safetensors(state, tmp_path / "a.safetensors", metadata={"k": "v"})
+    assert torch.equal(load_state_dict(tmp_path / "a.safetensors")["w"], state["w"])
+    targets = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: (targets.append(f), real_save(obj, f)))
+    atomic_torch_save(state, tmp_path / "b.pt")
+    assert targets and not hasattr(targets[0], "getvalue")  # a file path, not a BytesIO
+    assert torch.equal(load_state_dict(tmp_path / "b.pt")["w"], state["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.pt"]
