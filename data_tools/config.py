@@ -84,6 +84,11 @@ class DataConfig:
         "stop with an error when more than this fraction of an epoch's samples fail"))
     seed: int = field(default=0, metadata=help_text("seed of shard resampling, shuffling, "
                                                     "clip sampling, crops and masks"))
+    streams: int = field(default=0, metadata=help_text(
+        "pretrain/train: data streams the shards are dealt to, each with its own loader and "
+        "batch_size clips per batch (0 = the world size when the run starts; a checkpoint "
+        "records it). A rank reads streams / world_size of them, so a run resumes on any rank "
+        "count that divides it and reads the same global batches"))
     mask_type: MaskType = field(default="tube", metadata=help_text(
         "encoder mask in pretrain mode: 'tube', 'random' or 'none'"))
     mask_ratio: float = field(default=0.9, metadata=help_text("fraction of masked tokens"))

@@ -1,13 +1,20 @@
 """A rank's resampled video clips as a resumable ``runtime.training.DataStream``.
 
-Each rank resamples from its own shards (``shards[rank::world_size]``, so ranks read disjoint
-shards) and its loader is rebuilt at every epoch start and after every checkpoint with a seed
-derived from ``(seed, data.seed, epoch, batch)``; the epoch length stays the one of the whole
-set, so every rank yields the same number of batches per epoch.
+The shards are dealt to ``streams`` data streams (``shards[s::streams]``, disjoint), a number
+fixed for the whole run (by default the world size when it starts). Each stream resamples
+from its own shards with its own loader of ``data.batch_size`` clips per batch; rank ``r`` of
+``W`` reads streams ``r, r + W, ...`` and concatenates their batches into one micro-batch.
+Every global batch is therefore the same set of clips on any rank count that divides
+``streams``, which is what lets a run resume on another number of ranks. A stream's loader is
+rebuilt at every epoch start and after every scheduled checkpoint with a seed derived from
+``(seed, data.seed, epoch, batch)``; the epoch length stays the one of the whole set.
 """
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Iterator
+
+import torch
 
 from data_tools.config import DataConfig
 from data_tools.loader import VideoLoader, build_loader
@@ -16,25 +23,74 @@ from runtime.errors import InputError
 from runtime.training import DataStream
 
 
-def rank_data_config(data: DataConfig, rank: int, world_size: int) -> DataConfig:
-    """``data`` restricted to this rank's shards (``shards[rank::world_size]``), with the
+def rank_data_config(data: DataConfig, stream: int, streams: int) -> DataConfig:
+    """``data`` restricted to one stream's shards (``shards[stream::streams]``), with the
     epoch length of the whole set."""
     shard_set = resolve_shards(data.shards)
-    if len(shard_set.urls) < world_size:
+    if len(shard_set.urls) < streams:
         raise InputError(f"data.shards ({data.shards}) has {len(shard_set.urls)} shard(s); "
-                         f"{world_size} ranks need at least one each (ranks read disjoint shards)")
+                         f"{streams} data streams need at least one each (streams read "
+                         "disjoint shards): write smaller shards or lower data.streams")
     epoch_samples = data.epoch_samples or shard_set.total_samples or 0
-    return replace(data, shards="::".join(shard_set.urls[rank::world_size]),
+    return replace(data, shards="::".join(shard_set.urls[stream::streams]),
                    epoch_samples=epoch_samples)
 
 
-def video_stream(data: DataConfig, seed: int, rank: int, world_size: int,
-                 grad_accum_steps: int, mode: str = "pretrain") -> DataStream:
-    """This rank's clips in a resampled loader ``mode`` (``pretrain`` or ``train``)."""
-    rank_data = rank_data_config(data, rank, world_size)
+def resolve_streams(configured: int, recorded: int | None, world_size: int) -> int:
+    """The run's number of data streams: the checkpoint's (``recorded``), else
+    ``data.streams``, else the world size; it must be a multiple of the world size."""
+    if recorded and configured and configured != recorded:
+        raise InputError(f"data.streams={configured} but the checkpoint was written with "
+                         f"{recorded} streams: leave data.streams at 0 to keep the run's")
+    streams = recorded or configured or world_size
+    if streams % world_size:
+        raise InputError(f"the run reads {streams} data streams, which {world_size} ranks cannot "
+                         f"share evenly: resume on a number of ranks that divides {streams}")
+    return streams
 
-    def make_loader(segment_seed: int) -> VideoLoader:
-        return build_loader(replace(rank_data, seed=segment_seed), mode, rank, world_size)
+
+def rank_streams(rank: int, world_size: int, streams: int) -> range:
+    """The streams rank ``rank`` of ``world_size`` reads."""
+    return range(rank, streams, world_size)
+
+
+class MergedLoader:
+    """Batches of several stream loaders concatenated along the batch (tensors) or extended
+    (lists); ``stats`` sums theirs."""
+
+    def __init__(self, loaders: list[VideoLoader]):
+        self.loaders = loaders
+
+    def __len__(self) -> int:
+        return min(len(loader) for loader in self.loaders)
+
+    def __iter__(self) -> Iterator[dict]:
+        for parts in zip(*self.loaders):
+            yield {key: torch.cat([p[key] for p in parts]) if torch.is_tensor(parts[0][key])
+                   else [item for p in parts for item in p[key]] for key in parts[0]}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for loader in self.loaders:
+            for key, value in loader.stats.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+
+def video_stream(data: DataConfig, seed: int, rank: int, world_size: int,
+                 grad_accum_steps: int, mode: str = "pretrain", streams: int = 0) -> DataStream:
+    """This rank's clips in a resampled loader ``mode`` (``pretrain`` or ``train``): its share
+    of ``streams`` (0 = one per rank), ``data.batch_size * streams / world_size`` clips per
+    micro-batch."""
+    streams = resolve_streams(0, streams, world_size)
+    configs = {s: rank_data_config(data, s, streams)
+               for s in rank_streams(rank, world_size, streams)}
+
+    def make_loader(segment_seed: int) -> VideoLoader | MergedLoader:
+        loaders = [build_loader(replace(c, seed=segment_seed), mode, s, streams)
+                   for s, c in configs.items()]
+        return loaders[0] if len(loaders) == 1 else MergedLoader(loaders)
 
     return DataStream(make_loader, seed * 1_000_003 + data.seed, len(make_loader(data.seed)),
                       grad_accum_steps)

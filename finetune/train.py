@@ -26,7 +26,7 @@ from torch import nn
 from data_tools.config import DataConfig
 from data_tools.loader import build_loader
 from data_tools.shard_set import resolve_shards
-from data_tools.stream import video_stream
+from data_tools.stream import resolve_streams, video_stream
 from finetune.config import FinetuneConfig, MixupConfig, eval_data_config
 from finetune.common import build_model
 from finetune.evaluate import EvalResult, evaluate
@@ -130,12 +130,15 @@ def run(cfg: FinetuneConfig) -> dict:
     model = build_model(model_cfg, cfg.pretrained, cfg.pretrained_strict, cfg.seed,
                         cfg.head_init_scale)
     seed_everything(cfg.seed, env.rank)
+    streams = resolve_streams(cfg.data.streams, checkpoints.recorded(resume_tag, "streams"),
+                              env.world_size)
     stream = video_stream(cfg.data, cfg.seed, env.rank, env.world_size,
-                          cfg.engine.grad_accum_steps, mode="train")
+                          cfg.engine.grad_accum_steps, mode="train", streams=streams)
     # fp32 copy of the weights before DeepSpeed casts or hooks the module
     ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup,
                      dtype=torch.float32) if cfg.ema.enabled else None
-    engine = create_engine(model, cfg.engine, cfg.optim, cfg.data.batch_size, env.world_size,
+    engine = create_engine(model, cfg.engine, cfg.optim,
+                           cfg.data.batch_size * streams // env.world_size, env.world_size,
                            out_dir, stream.steps_per_epoch)
     if ema is not None:
         ema.to(engine.device)
@@ -201,7 +204,7 @@ def run(cfg: FinetuneConfig) -> dict:
                 save, preempted = checkpoint_now(step, stop_at, cfg.checkpoint.every_steps,
                                                  position, preemption)
                 if save:
-                    checkpoints.save(engine, step, client_state())
+                    checkpoints.save(engine, step, client_state(), meta={"streams": streams})
                 if preempted:
                     raise Preempted(step, str(out_dir))
                 if save:

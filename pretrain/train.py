@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from data_tools.stream import rank_data_config, video_stream
+from data_tools.stream import rank_data_config, rank_streams, resolve_streams, video_stream
 from models import VideoMAEPretrain, build_pretrain_model, encoder_state_dict
 from models.checkpoint import ENCODER_EXPORT, config_metadata
 from pretrain.config import PretrainConfig
@@ -96,13 +96,14 @@ def save_reconstruction(engine: TrainEngine, cfg: PretrainConfig, batch: dict, s
 
 
 def save_checkpoint(checkpoints: CheckpointManager, engine: TrainEngine, step: int,
-                    position: DataPosition) -> None:
-    """Checkpoint ``step_<step>`` with the data position and schedule, and the encoder
-    export (all ranks)."""
+                    position: DataPosition, streams: int) -> None:
+    """Checkpoint ``step_<step>`` with the data position and schedule, the run's number of
+    data streams, and the encoder export (all ranks)."""
     master = engine.master_state_dict()
     checkpoints.save(engine, step, {"data": asdict(position), "schedule": asdict(engine.schedule)},
                      exports={
-                         ENCODER_EXPORT: lambda path: export_encoder(engine.module, master, path)})
+                         ENCODER_EXPORT: lambda path: export_encoder(engine.module, master, path)},
+                     meta={"streams": streams})
 
 
 def check_schedule(saved: dict | None, engine: TrainEngine) -> None:
@@ -126,9 +127,13 @@ def run(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_pretrain_model(cfg.model)
     seed_everything(cfg.seed, env.rank)
+    # a resumed run keeps its data streams, on any rank count that divides them
+    streams = resolve_streams(cfg.data.streams, checkpoints.recorded(resume_tag, "streams"),
+                              env.world_size)
     stream = video_stream(cfg.data, cfg.seed, env.rank, env.world_size,
-                          cfg.engine.grad_accum_steps)
-    engine = create_engine(model, cfg.engine, cfg.optim, cfg.data.batch_size, env.world_size,
+                          cfg.engine.grad_accum_steps, streams=streams)
+    engine = create_engine(model, cfg.engine, cfg.optim,
+                           cfg.data.batch_size * streams // env.world_size, env.world_size,
                            out_dir, stream.steps_per_epoch)
     client, position, stop_at = resume_from(checkpoints, engine, resume_tag, cfg.max_steps)
     check_schedule(client.get("schedule"), engine)
@@ -163,7 +168,7 @@ def run(cfg: PretrainConfig) -> dict:
                 save, preempted = checkpoint_now(step, stop_at, cfg.checkpoint.every_steps,
                                                  position, preemption)
                 if save:
-                    save_checkpoint(checkpoints, engine, step, position)
+                    save_checkpoint(checkpoints, engine, step, position, streams)
                 if preempted:
                     raise Preempted(step, str(out_dir))
                 if save:
@@ -172,7 +177,9 @@ def run(cfg: PretrainConfig) -> dict:
         preemption.restore()
         bar.close()
         run_log.close()
-    _write_rank_summary(out_dir, rank_data_config(cfg.data, env.rank, env.world_size).shards,
+    shards = "::".join(rank_data_config(cfg.data, s, streams).shards
+                       for s in rank_streams(env.rank, env.world_size, streams))
+    _write_rank_summary(out_dir, shards,
                         env.rank, env.world_size, stream, engine)
     if env.is_main and (out_dir / METRICS_FILE).is_file() and last:
         save_loss_curve(out_dir / METRICS_FILE, out_dir / "figures" / "loss_curve.png")

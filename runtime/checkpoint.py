@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "COMPLETE"
 LATEST_FILE = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
+ZERO_PARTITION_GLOB = "zero_pp_rank_*_optim_states.pt"  # ZeRO-1/2 optimizer partitions
+UNIVERSAL_DIR = "universal"  # converted checkpoints, for a resume on another rank count
 
 
 @dataclass
@@ -132,9 +135,21 @@ class CheckpointManager:
         return tag if tag.is_absolute() or len(tag.parts) > 1 else self.dir / tag
 
     # --- save
+    def marker(self, tag: str | Path) -> dict:
+        """What the ``COMPLETE`` marker of ``tag`` records: ``step``, ``world_size``, ``time``
+        and the ``meta`` given to ``save`` (e.g. the run's data ``streams``)."""
+        return json.loads((self._tag_dir(tag) / COMPLETE_MARKER).read_text())
+
+    def recorded(self, tag: str | None, key: str) -> Any:
+        """``marker(tag)[key]``, or None for a fresh start or an older marker without it."""
+        return self.marker(tag).get(key) if tag else None
+
     def save(self, engine: TrainEngine, step: int, client_state: Mapping | None = None,
-             exports: Mapping[str, Callable[[Path], Any]] | None = None) -> Path:
-        """Write checkpoint ``step_<step>`` on all ranks; returns its folder.
+             exports: Mapping[str, Callable[[Path], Any]] | None = None,
+             meta: Mapping[str, Any] | None = None) -> Path:
+        """Write checkpoint ``step_<step>`` on all ranks; returns its folder. ``meta`` (plain
+        JSON values) goes into the completion marker (``marker``), readable before an engine
+        exists.
 
         ``client_state`` (plain Python values and tensors) is stored by DeepSpeed beside the
         engine's own counters; ``exports`` maps a file name to a
@@ -166,7 +181,8 @@ class CheckpointManager:
         barrier()
         if is_main_process():
             atomic_write_text(tag_dir / COMPLETE_MARKER, json.dumps(
-                {"step": step, "world_size": get_world_size(), "time": time.time()}))
+                {"step": step, "world_size": get_world_size(), "time": time.time(),
+                 **(meta or {})}))
             atomic_write_text(self.dir / LATEST_FILE, tag)
             self._prune()
         barrier()
@@ -182,6 +198,26 @@ class CheckpointManager:
         for step, tag in tags:
             if tag not in keep and step <= newest:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
+                shutil.rmtree(self.dir / UNIVERSAL_DIR / tag, ignore_errors=True)
+
+    def _universal(self, tag_dir: Path) -> Path:
+        """``tag_dir`` converted by DeepSpeed's ``ds_to_universal`` (once, by the main
+        process) into ``universal/<tag>``: ZeRO-1/2 optimizer states partitioned by rank become
+        one file per parameter, which any rank count loads."""
+        target = self.dir / UNIVERSAL_DIR / tag_dir.name
+        if is_main_process() and not (target / COMPLETE_MARKER).is_file():
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            shutil.rmtree(target, ignore_errors=True)
+            logger.info("converting %s to a universal checkpoint in %s", tag_dir, target)
+            ds_to_universal(argparse.Namespace(
+                input_folder=str(tag_dir), output_folder=str(target), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True,
+                inject_missing_state=True))
+            for name in [COMPLETE_MARKER, *(p.name for p in tag_dir.glob("rank_*_state.pt"))]:
+                shutil.copy2(tag_dir / name, target / name)
+        barrier()
+        return target
 
     # --- resume
     def resolve(self, resume: str) -> str | None:
@@ -207,14 +243,19 @@ class CheckpointManager:
         tag_dir = self._tag_dir(tag)
         if not self.is_complete(tag_dir):
             raise ValueError(f"checkpoint {tag_dir} is incomplete or missing")
-        saved_world = json.loads((tag_dir / COMPLETE_MARKER).read_text()).get("world_size")
+        saved_world = self.marker(tag_dir).get("world_size")
+        load_dir = tag_dir
         if saved_world != get_world_size():
-            logger.warning("%s was written by %s ranks and is resumed on %d: the data split and "
-                           "random streams differ from an uninterrupted run", tag_dir, saved_world,
-                           get_world_size())
+            logger.warning("%s was written by %s ranks and is resumed on %d: per-rank random "
+                           "streams (dropout, drop path) differ from an uninterrupted run",
+                           tag_dir, saved_world, get_world_size())
+            if any(tag_dir.glob(ZERO_PARTITION_GLOB)):
+                load_dir = self._universal(tag_dir)
+                engine.ds_engine._config.load_universal_checkpoint = True
         load_path, client_state = engine.ds_engine.load_checkpoint(
-            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+            str(load_dir.parent), tag=load_dir.name, load_optimizer_states=True,
             load_lr_scheduler_states=False)
+        engine.ds_engine._config.load_universal_checkpoint = False
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
         engine.load_state_dict(client_state.get("engine", {}))

@@ -76,8 +76,9 @@ def two_shards(tmp_path_factory):
 
 
 def test_two_ranks_score_disjoint_shards_and_gather_everything(two_shards, tmp_path):
+    # spawn, not fork: this pytest worker may hold the process group of an in-process run
     torch.multiprocessing.start_processes(worker, args=(free_port(), two_shards, str(tmp_path)),
-                                          nprocs=2, start_method="fork")
+                                          nprocs=2, start_method="spawn")
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert rank0["local"] == [["v0", 1.0], ["v1", 1.0]]
     assert rank1["local"] == [["v2", 1.0], ["v3", 1.0]]
