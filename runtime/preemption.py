@@ -26,9 +26,10 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 class Preempted(Exception):
     """A stop signal ended the run after a complete checkpoint at ``step``."""
 
-    def __init__(self, step: int, out_dir: str):
+    def __init__(self, step: int, out_dir: str,
+                 resume: str = "run again with checkpoint.resume=auto"):
         super().__init__(f"stopped by a signal after step {step}; the checkpoint of that step is "
-                         f"complete in {out_dir}: run again with checkpoint.resume=auto")
+                         f"complete in {out_dir}: {resume}")
         self.step, self.out_dir = step, out_dir
 
 

@@ -41,9 +41,12 @@ from finetune.detection.tad_head import (DecodeConfig, TemporalDetectionHead, as
 from finetune.detection.tad_metric import segment_mean_average_precision
 from finetune.extract import FeatureSet, cached_feature_set, extract_windows
 from runtime.config import save_resolved_config, to_dict
-from runtime.io import atomic_save_safetensors, atomic_write_text
+from runtime.errors import InputError
+from runtime.io import (atomic_save_safetensors, atomic_torch_save, atomic_write_text,
+                        load_state_dict)
 from runtime.logging import RunLogger, progress
 from runtime.optim import build_adamw, lr_schedule, set_lr
+from runtime.preemption import Preempted, PreemptionSignal
 from runtime.seed import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -141,8 +144,14 @@ def make_batch(videos: list[VideoFeatures], head: TemporalDetectionHead, num_cla
     return features, mask, targets
 
 
+HEAD_CHECKPOINT = "head_checkpoint.pt"  # written on a stop signal, removed when training ends
+
+
 def train_head(train: list[VideoFeatures], cfg: TADConfig, num_classes: int, device: torch.device,
                run_log: RunLogger) -> TemporalDetectionHead:
+    """AdamW + warm-up/cosine on the cached features. On SIGUSR1 / SIGTERM it finishes the
+    step, writes ``<out_dir>/head_checkpoint.pt`` (head, optimizer, step, the epoch's order and
+    the random states) and raises ``Preempted``; the next run continues from there exactly."""
     in_dim = train[0].features.shape[1]
     head = TemporalDetectionHead(in_dim, num_classes, cfg.head.dim, cfg.head.num_levels).to(device)
     batch_size = cfg.data.batch_size
@@ -150,28 +159,55 @@ def train_head(train: list[VideoFeatures], cfg: TADConfig, num_classes: int, dev
     schedule = lr_schedule(cfg.optim, batch_size, steps_per_epoch)
     optimizer = build_adamw(head, cfg.optim, schedule.lr_at(0))
     rng = random.Random(cfg.seed)
-    step = 0
-    for _ in progress(range(cfg.optim.epochs), desc="head epochs"):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        head.train()
-        for first in range(0, len(order), batch_size):
-            videos = [train[i] for i in order[first:first + batch_size]]
-            features, mask, targets = make_batch(videos, head, num_classes, cfg.data.max_seq_len,
-                                                 cfg.head.center_radius, rng)
-            targets = [[(c.to(device), r.to(device)) for c, r in video] for video in targets]
-            losses = detection_loss(head(features.to(device), mask.to(device)), targets,
-                                    cfg.head.label_smoothing)
-            set_lr(optimizer, schedule.lr_at(step))
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            step += 1
-            if step % cfg.log.every_steps == 0:
-                run_log.log(step, loss=losses["loss"].item(), cls_loss=losses["cls_loss"].item(),
-                            reg_loss=losses["reg_loss"].item(), lr=schedule.lr_at(step))
+    checkpoint = Path(cfg.out_dir) / HEAD_CHECKPOINT
+    step, epoch, first, order = 0, 0, 0, None
+    if checkpoint.is_file():  # stopped by a signal last time
+        state = load_state_dict(checkpoint)
+        if state["config"] != to_dict(cfg):
+            raise InputError(f"{checkpoint} was written by a run with other settings: delete it "
+                             "to train the head from the start, or restore those settings")
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, first, order = state["step"], state["epoch"], state["first"], state["order"]
+        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("continuing the head from %s at step %d", checkpoint, step)
+    with PreemptionSignal() as preemption:
+        for epoch in progress(range(epoch, cfg.optim.epochs), desc="head epochs"):
+            if order is None:
+                order = list(range(len(train)))
+                rng.shuffle(order)
+            head.train()
+            for first in range(first, len(order), batch_size):
+                videos = [train[i] for i in order[first:first + batch_size]]
+                features, mask, targets = make_batch(videos, head, num_classes,
+                                                     cfg.data.max_seq_len, cfg.head.center_radius,
+                                                     rng)
+                targets = [[(c.to(device), r.to(device)) for c, r in video] for video in targets]
+                losses = detection_loss(head(features.to(device), mask.to(device)), targets,
+                                        cfg.head.label_smoothing)
+                set_lr(optimizer, schedule.lr_at(step))
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                if cfg.optim.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.optim.clip_grad)
+                optimizer.step()
+                step += 1
+                if step % cfg.log.every_steps == 0:
+                    run_log.log(step, loss=losses["loss"].item(),
+                                cls_loss=losses["cls_loss"].item(),
+                                reg_loss=losses["reg_loss"].item(), lr=schedule.lr_at(step))
+                if preemption.requested():
+                    version, internal, gauss = rng.getstate()
+                    atomic_torch_save({"head": head.state_dict(),
+                                       "optimizer": optimizer.state_dict(), "step": step,
+                                       "epoch": epoch, "first": first + batch_size,
+                                       "order": order, "rng": [version, list(internal), gauss],
+                                       "torch_rng": torch.get_rng_state(),
+                                       "config": to_dict(cfg)}, checkpoint)
+                    raise Preempted(step, cfg.out_dir, "run the same command again")
+            order, first = None, 0
+    checkpoint.unlink(missing_ok=True)
     return head
 
 
