@@ -14,10 +14,8 @@ from finetune.config import FinetuneConfig
 from finetune.train import run
 from runtime.config import parse_config
 from runtime.dist import init_distributed, is_main_process
-from runtime.engine import NonFiniteLossError, NonFiniteWeightsError
 from runtime.errors import run_command
 from runtime.logging import setup_logging
-from runtime.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 logger = logging.getLogger("finetune")
 
@@ -27,14 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                        description="Fine-tune a video ViT for recognition (VideoMAE recipe).")
     init_distributed()
     setup_logging()
-    try:
-        metrics = run(cfg)
-    except Preempted as stop:
-        logger.warning("%s", stop)
-        return PREEMPTED_EXIT_CODE
-    except (NonFiniteLossError, NonFiniteWeightsError) as err:
-        logger.error("%s", err)
-        return 1
+    metrics = run(cfg)  # a stop signal or non-finite values: run_command reports them
     if is_main_process():
         print(json.dumps(metrics, indent=2))
     return 0

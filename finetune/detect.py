@@ -8,7 +8,6 @@ comes from ``python -m finetune.detection.demo_data ava --out DIR``.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 from finetune.detection.config import DetectConfig
@@ -17,7 +16,6 @@ from runtime.config import parse_config
 from runtime.dist import init_distributed, is_main_process
 from runtime.errors import run_command
 from runtime.logging import setup_logging
-from runtime.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,11 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "encoder with an RoI head, then score frame mAP.")
     init_distributed()
     setup_logging()
-    try:
-        metrics = run(cfg)
-    except Preempted as stop:
-        logging.getLogger("finetune.detect").warning("%s", stop)
-        return PREEMPTED_EXIT_CODE
+    metrics = run(cfg)  # a stop signal or non-finite values: run_command reports them
     if is_main_process():
         print(json.dumps(metrics, indent=1))
     return 0

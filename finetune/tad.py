@@ -8,7 +8,6 @@ field. Single process. The demo data comes from
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 from finetune.detection.config import TADConfig
@@ -16,7 +15,6 @@ from finetune.detection.train_tad import run
 from runtime.config import parse_config
 from runtime.errors import run_command
 from runtime.logging import setup_logging
-from runtime.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,11 +22,7 @@ def main(argv: list[str] | None = None) -> int:
                        description="Temporal action detection: a 1-D head on frozen "
                                    "sliding-window features, scored with segment mAP.")
     setup_logging()
-    try:
-        metrics = run(cfg)
-    except Preempted as stop:
-        logging.getLogger("finetune.tad").warning("%s", stop)
-        return PREEMPTED_EXIT_CODE
+    metrics = run(cfg)  # a stop signal: run_command reports it
     print(json.dumps(metrics, indent=1))
     return 0
 

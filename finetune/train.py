@@ -36,9 +36,9 @@ from runtime.dist import broadcast_from_main, init_distributed
 from runtime.engine import TrainEngine, create_engine
 from runtime.io import atomic_save_safetensors, atomic_write_text
 from runtime.seed import seed_everything
-from runtime.preemption import Preempted, PreemptionSignal
-from runtime.training import (Window, checkpoint_now, loop_logs, next_position, open_run,
-                              resume_from, timed)
+from runtime.preemption import Preempted
+from runtime.training import (Window, checkpoint_now, close_loop, next_position, open_loop,
+                              open_run, resume_from, timed)
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +166,9 @@ def run(cfg: FinetuneConfig) -> dict:
         logger.info("epoch %d step %d: val %s", epoch, engine.global_step,
                     {k: round(v, 4) for k, v in scalars.items()})
 
-    run_log, bar = loop_logs(out_dir, env.is_main, cfg.log.tensorboard, engine, stop_at,
-                             "finetune")
+    run_log, bar, preemption = open_loop(out_dir, env.is_main, cfg.log.tensorboard, engine,
+                                         stop_at, "finetune")
     window, last = Window(), {}
-    preemption = PreemptionSignal().install()  # SIGUSR1 / SIGTERM: checkpoint, then stop
-    engine.train()
     try:
         while engine.global_step < stop_at:
             position = next_position(position, stream)
@@ -216,9 +214,7 @@ def run(cfg: FinetuneConfig) -> dict:
         run_log.log(engine.global_step, tag="test", **{k: v for k, v in metrics.items()
                                                        if isinstance(v, float)})
     finally:
-        preemption.restore()
-        bar.close()
-        run_log.close()
+        close_loop(run_log, bar, preemption)
     return metrics
 
 

@@ -12,10 +12,8 @@ from pretrain.config import PretrainConfig
 from pretrain.train import run
 from runtime.config import parse_config
 from runtime.dist import init_distributed
-from runtime.engine import NonFiniteLossError, NonFiniteWeightsError
 from runtime.errors import run_command
 from runtime.logging import setup_logging
-from runtime.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 logger = logging.getLogger("pretrain")
 
@@ -44,14 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(PretrainConfig, argv, prog="python -m pretrain", description=DESCRIPTION)
     init_distributed()
     setup_logging()
-    try:
-        summary = run(cfg)
-    except Preempted as stop:
-        logger.warning("%s", stop)
-        return PREEMPTED_EXIT_CODE
-    except (NonFiniteLossError, NonFiniteWeightsError) as err:
-        logger.error("%s", err)
-        return 1
+    summary = run(cfg)  # a stop signal or non-finite values: run_command reports them
     logger.info("finished at step %d (loss %.4f); run folder %s", summary["step"],
                 summary["loss"], summary["out_dir"])
     return 0

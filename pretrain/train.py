@@ -32,9 +32,9 @@ from runtime.engine import TrainEngine, create_engine
 from runtime.io import atomic_save_safetensors, atomic_write_text
 from runtime.logging import METRICS_FILE
 from runtime.seed import seed_everything
-from runtime.preemption import Preempted, PreemptionSignal
-from runtime.training import (DataStream, Window, checkpoint_now, loop_logs, next_position,
-                              open_run, resume_from, timed)
+from runtime.preemption import Preempted
+from runtime.training import (DataStream, Window, checkpoint_now, close_loop, next_position,
+                              open_loop, open_run, resume_from, timed)
 
 logger = logging.getLogger(__name__)
 
@@ -138,11 +138,9 @@ def run(cfg: PretrainConfig) -> dict:
     client, position, stop_at = resume_from(checkpoints, engine, resume_tag, cfg.max_steps)
     check_schedule(client.get("schedule"), engine)
 
-    run_log, bar = loop_logs(out_dir, env.is_main, cfg.log.tensorboard, engine, stop_at,
-                             "pretrain")
+    run_log, bar, preemption = open_loop(out_dir, env.is_main, cfg.log.tensorboard, engine,
+                                         stop_at, "pretrain")
     window, last = Window(), {}
-    preemption = PreemptionSignal().install()  # SIGUSR1 / SIGTERM: checkpoint, then stop
-    engine.train()
     try:
         while engine.global_step < stop_at:
             position = next_position(position, stream)
@@ -174,9 +172,7 @@ def run(cfg: PretrainConfig) -> dict:
                 if save:
                     break  # the next segment's loader starts at the checkpointed position
     finally:
-        preemption.restore()
-        bar.close()
-        run_log.close()
+        close_loop(run_log, bar, preemption)
     shards = "::".join(rank_data_config(cfg.data, s, streams).shards
                        for s in rank_streams(env.rank, env.world_size, streams))
     _write_rank_summary(out_dir, shards,

@@ -36,6 +36,7 @@ from torch import nn
 
 from runtime.config import help_text
 from runtime.dist import all_reduce_max, is_main_process
+from runtime.errors import RunStopped
 from runtime.io import atomic_write_text
 from runtime.optim import OptimConfig, WarmupCosine, build_adamw, lr_schedule, set_lr
 
@@ -132,11 +133,11 @@ def deepspeed_config(engine_cfg: EngineConfig, optim_cfg: OptimConfig,
 # Engine
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunStopped, RuntimeError):
     """The loss was NaN/inf for too many micro-batches in a row."""
 
 
-class NonFiniteWeightsError(RuntimeError):
+class NonFiniteWeightsError(RunStopped, RuntimeError):
     """The model holds NaN/inf weights; such a model is never checkpointed."""
 
 

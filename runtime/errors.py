@@ -22,6 +22,13 @@ USER_ERROR_EXIT_CODE = 2
 DEBUG_VARIABLE = "VIDEO_DEBUG"
 
 
+class RunStopped(Exception):
+    """The run ended early for a reason its message states (a stop signal, non-finite losses
+    or weights): the command line logs that one line and exits with ``exit_code``."""
+
+    exit_code = 1
+
+
 class UserError(Exception):
     """A mistake in the run's inputs, fixed by the user (see the module docstring)."""
 
@@ -43,8 +50,9 @@ def debug_requested(argv: Sequence[str]) -> bool:
 
 
 def run_command(main: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
-    """``main(argv)`` with user errors as one line on stderr and ``USER_ERROR_EXIT_CODE``
-    (``--debug`` is taken out of ``argv`` and shows the traceback instead)."""
+    """``main(argv)`` with user errors as one line on stderr and ``USER_ERROR_EXIT_CODE``, and
+    a ``RunStopped`` logged as one line with its ``exit_code`` (``--debug`` is taken out of
+    ``argv`` and shows the traceback instead)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     try:
@@ -54,3 +62,8 @@ def run_command(main: Callable[[list[str]], int], argv: Sequence[str] | None = N
             raise
         print(f"error: {err} (--debug shows the traceback)", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+    except RunStopped as stop:
+        if debug:
+            raise
+        logger.log(logging.WARNING if stop.exit_code != 1 else logging.ERROR, "%s", stop)
+        return stop.exit_code

@@ -15,6 +15,7 @@ import signal
 from types import FrameType
 
 from runtime.dist import all_reduce_max
+from runtime.errors import RunStopped
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +24,10 @@ PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
-class Preempted(Exception):
+class Preempted(RunStopped):
     """A stop signal ended the run after a complete checkpoint at ``step``."""
+
+    exit_code = PREEMPTED_EXIT_CODE
 
     def __init__(self, step: int, out_dir: str,
                  resume: str = "run again with checkpoint.resume=auto"):

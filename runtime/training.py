@@ -7,8 +7,8 @@
 - ``timed``: batches with the time spent waiting for each (the data-wait fraction).
 - ``Window``: sums since the last log line and their cross-rank summary.
 - ``open_run``: the run folder, its checkpoints and the tag to resume from; ``resume_from``:
-  the checkpoint loaded, the data position and the last step; ``loop_logs``: metrics file
-  and progress bar.
+  the checkpoint loaded, the data position and the last step; ``open_loop`` /
+  ``close_loop``: metrics file, progress bar and stop-signal handler.
 """
 from __future__ import annotations
 
@@ -114,12 +114,21 @@ def resume_from(checkpoints: CheckpointManager, engine: TrainEngine, tag: str | 
     return client, position, stop_at
 
 
-def loop_logs(out_dir: Path, is_main: bool, tensorboard: bool, engine: TrainEngine,
-              stop_at: int, desc: str) -> tuple[RunLogger, Any]:
-    """The run's ``RunLogger`` and a progress bar over optimizer steps (rank 0 only)."""
+def open_loop(out_dir: Path, is_main: bool, tensorboard: bool, engine: TrainEngine,
+              stop_at: int, desc: str) -> tuple[RunLogger, Any, PreemptionSignal]:
+    """What a training loop keeps open: the run's ``RunLogger``, a progress bar over optimizer
+    steps (rank 0 only) and the installed stop-signal handler (SIGUSR1 / SIGTERM: checkpoint,
+    then stop); ``close_loop`` closes them. Puts the engine in training mode."""
     run_log = RunLogger(out_dir, enabled=is_main, tensorboard=tensorboard)
     bar = progress(None, total=stop_at, initial=engine.global_step, desc=desc, enabled=is_main)
-    return run_log, bar
+    engine.train()
+    return run_log, bar, PreemptionSignal().install()
+
+
+def close_loop(run_log: RunLogger, bar: Any, preemption: PreemptionSignal) -> None:
+    preemption.restore()
+    bar.close()
+    run_log.close()
 
 
 def checkpoint_now(step: int, stop_at: int, every_steps: int, position: DataPosition,

@@ -38,9 +38,9 @@ from runtime.engine import create_engine
 from runtime.io import atomic_write_text
 from runtime.logging import progress
 from runtime.seed import seed_everything
-from runtime.preemption import Preempted, PreemptionSignal
-from runtime.training import (Window, checkpoint_now, loop_logs, next_position, open_run,
-                              resume_from, timed)
+from runtime.preemption import Preempted
+from runtime.training import (Window, checkpoint_now, close_loop, next_position, open_loop,
+                              open_run, resume_from, timed)
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +157,9 @@ def run(cfg: DetectConfig) -> dict[str, float]:
         engine.train()
         return broadcast_from_main(metrics)
 
-    run_log, bar = loop_logs(out_dir, env.is_main, cfg.log.tensorboard, engine, stop_at,
-                             "detect")
+    run_log, bar, preemption = open_loop(out_dir, env.is_main, cfg.log.tensorboard, engine,
+                                         stop_at, "detect")
     window = Window()
-    preemption = PreemptionSignal().install()  # SIGUSR1 / SIGTERM: checkpoint, then stop
-    engine.train()
     try:
         while engine.global_step < stop_at:
             position = next_position(position, stream)
@@ -201,9 +199,7 @@ def run(cfg: DetectConfig) -> dict[str, float]:
         bar.close()  # before the evaluation's own progress bar
         metrics = validate()
     finally:
-        preemption.restore()
-        bar.close()
-        run_log.close()
+        close_loop(run_log, bar, preemption)
     if env.is_main:
         atomic_write_text(out_dir / "results.json", json.dumps(metrics, indent=1) + "\n")
     return metrics
