@@ -5,17 +5,22 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 DEMO_DIR ?= runs/demo
+# the tested versions (see its header); `make install CONSTRAINTS=` installs from the ranges only
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+EXTRAS ?= dev,demo
 
 .PHONY: install test demo clean
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch/torchvision pinned first: the pair that installs and works on a CPU machine.
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev]"
+	# torch/torchvision first, at the constraints' pair: the pair that installs and works on a
+	# CPU machine.
+	$(PY) -m pip install -q $(PIN) torch torchvision
+	$(PY) -m pip install -q $(PIN) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 test: $(STAMP)

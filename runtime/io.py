@@ -10,7 +10,9 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from runtime.errors import InputError
 
 if TYPE_CHECKING:  # torch is imported lazily: shard-building workers never need it
     import torch
@@ -74,10 +76,13 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
     return Path(path)
 
 
-def load_state_dict(path: str | Path) -> dict:
+def load_state_dict(path: str | Path, allowed_classes: Sequence[type] = ()) -> dict:
     """Load a checkpoint file: ``.safetensors`` directly, anything else with ``weights_only=True``.
 
     Returns the raw object (a state dict, or a dict wrapping one under ``model``/``module``).
+    ``allowed_classes`` are the only classes beyond tensors and plain containers the file may
+    hold (allowed for this load only, e.g. ``argparse.Namespace`` for the ``args`` of official
+    training scripts); a file needing any other class raises an ``InputError`` naming it.
     """
     path = Path(path)
     if not path.is_file():
@@ -89,6 +94,31 @@ def load_state_dict(path: str | Path) -> dict:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed_classes)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        refused = _refused_classes(path, allowed_classes)
+        if refused:
+            allowed = ", ".join(_qualified_name(c) for c in allowed_classes) or "none"
+            raise InputError(
+                f"cannot load checkpoint {path} with weights_only=True: it needs classes "
+                f"that are not allowed: {', '.join(refused)} (allowed beyond tensors and "
+                f"containers: {allowed}); pass a file that holds the model weights") from err
         raise ValueError(f"cannot load checkpoint {path} with weights_only=True: {err}") from err
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _refused_classes(path: Path, allowed_classes: Sequence[type]) -> list[str]:
+    """The globals a zip-format torch file needs beyond torch's and ``allowed_classes``
+    (empty when the file cannot be inspected, e.g. the legacy non-zip format)."""
+    import torch
+
+    allowed = {_qualified_name(c) for c in allowed_classes}
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not inspectable: the caller reports torch's error
+        return []
+    return sorted(set(needed) - allowed)
