@@ -8,7 +8,8 @@ from runtime.config import check_choices, help_text
 from runtime.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
-Attention = Literal["joint", "divided", "space_only", "mixing"]
+Attention = Literal["joint", "divided", "space_only", "mixing", "axial", "sparse_local_global",
+                    "window"]
 PosEmbed = Literal["sincos_1d", "separable_sincos", "separable_learned"]
 NormTarget = Literal["patch_channel", "patch", "none"]
 FinalNorm = Literal["auto", "norm", "fc_norm"]
@@ -59,7 +60,14 @@ class ModelConfig:
     attention: Attention = field(default="joint", metadata=help_text(
         "joint (VideoMAE space-time) | divided (TimeSformer temporal then spatial) | "
         "space_only (within each time slice, no temporal position code, as TimeSformer) | "
-        "mixing (XViT space-time mixing)"))
+        "mixing (XViT space-time mixing) | axial (TimeSformer T+W+H: time, width, height) | "
+        "sparse_local_global (TimeSformer L+G: T' x H'/2 x W'/2 windows, then stride 2) | "
+        "window (Video Swin 3D windows of model.window_size, shifted in odd blocks); the last "
+        "three need every token (no masked input)"))
+    window_size: list[int] = field(default_factory=lambda: [2, 7, 7], metadata=help_text(
+        "attention=window: window [Tw, M, M] in tokens (clipped to the grid; an axis no longer "
+        "than its window is not shifted); the relative position bias table has "
+        "(2Tw-1)(2M-1)(2M-1) rows"))
     pos_embed: PosEmbed = field(default="sincos_1d", metadata=help_text(
         "sincos_1d (VideoMAE fixed table over the token index) | separable_sincos | "
         "separable_learned (spatial + temporal tables, as mae_st)"))
@@ -168,6 +176,9 @@ class ModelConfig:
         if self.attention == "mixing" and enc.embed_dim // enc.num_heads < 8:
             raise ValueError("model.attention='mixing' shifts 1/8 of each head's channels per "
                              f"direction: head width {enc.embed_dim // enc.num_heads} must be >= 8")
+        if len(self.window_size) != 3 or min(self.window_size) <= 0:
+            raise ValueError(f"model.window_size must be 3 positive ints [Tw, M, M], got "
+                             f"{self.window_size}")
         if self.pos_embed_grid and (len(self.pos_embed_grid) != 3 or min(self.pos_embed_grid) <= 0):
             raise ValueError(f"model.pos_embed_grid must be empty or 3 positive ints [T', H', W'], "
                              f"got {self.pos_embed_grid}")

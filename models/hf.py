@@ -128,8 +128,8 @@ def project_to_hf(state: StateDict, kind: str, bias_naming: str = "new") -> Stat
         else:
             renamed = _rename(rest, HF_LAYER_RENAMES, reverse=True)
             if renamed is None:
-                raise ValueError(f"no HF equivalent for {key!r} (HF VideoMAE has no layer scale or "
-                                 "divided attention)")
+                raise ValueError(f"no HF equivalent for {key!r} (HF VideoMAE has no layer scale, "
+                                 "only joint attention)")
             out[f"{hf_block}.{renamed}"] = value
     return out
 

@@ -5,6 +5,8 @@ Blocks take tokens ``(B, N, D)`` laid out as a ``(T', S)`` grid flattened time-m
 """
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
@@ -88,10 +90,12 @@ class Attention(nn.Module):
         qkv = qkv.reshape(x.shape[0], x.shape[1], 3, self.num_heads, self.head_dim)
         return qkv.permute(2, 0, 3, 1, 4)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``(B, heads, L, head_dim)`` each -> projected output ``(B, L, D)``."""
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).flatten(2))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(..., heads, L, head_dim)`` each -> projected output ``(..., L, D)``; ``attn_mask``
+        (boolean, True = may attend, or additive) broadcasts to ``(..., heads, L, L)``."""
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(-3, -2).flatten(-2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_heads(x).unbind(0)
@@ -147,6 +151,10 @@ class Block(nn.Module):
         k, v = mix_time(kv, num_frames, self.attn.head_dim // 8).unbind(0)
         return self.attn.attend(q[0], k, v).reshape(b, n, d)
 
+    def init_extra(self) -> None:
+        """The block's own init, re-applied after the model-wide one (``VideoViT.init_weights``):
+        nothing here; zero branch projections, position-bias tables in subclasses."""
+
     @staticmethod
     def _scale(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
         return x if gamma is None else x * gamma
@@ -157,36 +165,73 @@ class Block(nn.Module):
         return x + self.drop_path(self._scale(self.mlp(self.norm2(x)), self.gamma_2))
 
 
-class DividedBlock(Block):
-    """TimeSformer divided space-time block: temporal attention over each spatial position
-    (``temporal_norm1``, ``temporal_attn``, ``temporal_fc``), then spatial attention within each
-    time slice, then the MLP. ``temporal_fc`` starts at zero, so a fresh block is a per-frame one.
-    """
+class BranchBlock(Block):
+    """A block with extra attention steps before its own (TimeSformer's layout): each branch
+    ``p`` in ``branches`` has ``p_norm1``, ``p_attn`` and a zero-initialised ``p_fc`` and adds
+    ``p_fc(drop_path(p_attn over its token groups(p_norm1(x))))``; then the block's ``norm1``
+    / ``attn`` step (``token_attention``) and the MLP. With every ``p_fc`` at zero the block
+    is its last step alone."""
+
+    branches: tuple[str, ...] = ()
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 init_values: float = 0.0):
-        super().__init__(dim, num_heads, mlp_ratio, drop_path, init_values, attention="space_only")
-        self.temporal_norm1 = layer_norm(dim)
-        self.temporal_attn = Attention(dim, num_heads)
-        self.temporal_fc = nn.Linear(dim, dim)
-        self.zero_temporal_fc()
+                 init_values: float = 0.0, attention: str = "space_only"):
+        super().__init__(dim, num_heads, mlp_ratio, drop_path, init_values, attention=attention)
+        for prefix in self.branches:
+            setattr(self, f"{prefix}_norm1", layer_norm(dim))
+            setattr(self, f"{prefix}_attn", Attention(dim, num_heads))
+            setattr(self, f"{prefix}_fc", nn.Linear(dim, dim))
+        self.init_extra()
 
-    def zero_temporal_fc(self) -> None:
-        nn.init.zeros_(self.temporal_fc.weight)
-        nn.init.zeros_(self.temporal_fc.bias)
+    def init_extra(self) -> None:
+        for prefix in self.branches:
+            nn.init.zeros_(getattr(self, f"{prefix}_fc").weight)
+            nn.init.zeros_(getattr(self, f"{prefix}_fc").bias)
+
+    def branch_attention(self, prefix: str, num_frames: int
+                         ) -> Callable[[Attention, torch.Tensor], torch.Tensor]:
+        """``(attn, tokens (B, N, D)) -> (B, N, D)``: branch ``prefix``'s attention pattern."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        b, n, d = x.shape
-        s = n // num_frames
-        per_position = x.reshape(b, num_frames, s, d).transpose(1, 2).reshape(b * s, num_frames, d)
-        res = self.temporal_fc(
-            self.drop_path(self.temporal_attn(self.temporal_norm1(per_position))))
-        x = x + res.reshape(b, s, num_frames, d).transpose(1, 2).reshape(b, n, d)
+        for prefix in self.branches:
+            attend = self.branch_attention(prefix, num_frames)
+            out = attend(getattr(self, f"{prefix}_attn"), getattr(self, f"{prefix}_norm1")(x))
+            x = x + getattr(self, f"{prefix}_fc")(self.drop_path(out))
         return super().forward(x, num_frames)
 
 
+def along_time(attn: Attention, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Attention over the ``T'`` tokens of each spatial position of ``(B, T' * S, D)``."""
+    b, n, d = x.shape
+    s = n // num_frames
+    per_position = x.reshape(b, num_frames, s, d).transpose(1, 2).reshape(b * s, num_frames, d)
+    return attn(per_position).reshape(b, s, num_frames, d).transpose(1, 2).reshape(b, n, d)
+
+
+class DividedBlock(BranchBlock):
+    """TimeSformer divided space-time block: temporal attention over each spatial position
+    (``temporal_norm1``, ``temporal_attn``, ``temporal_fc``), then spatial attention within each
+    time slice, then the MLP. ``temporal_fc`` starts at zero, so a fresh block is a per-frame one.
+    Runs on tube-masked tokens too (``S`` = visible positions per slice).
+    """
+
+    branches = ("temporal",)
+
+    def branch_attention(self, prefix: str, num_frames: int
+                         ) -> Callable[[Attention, torch.Tensor], torch.Tensor]:
+        return lambda attn, x: along_time(attn, x, num_frames)
+
+
 def build_block(attention: str, dim: int, num_heads: int, mlp_ratio: float, drop_path: float,
-                init_values: float) -> Block:
+                init_values: float, grid: tuple[int, int, int] = (0, 0, 0), index: int = 0,
+                window_size: Sequence[int] = ()) -> Block:
+    """Block ``index`` of an encoder with ``attention`` on a ``grid`` = (T', H', W') of tokens
+    (the grid and ``window_size`` matter to the types of ``models.attention_blocks`` only)."""
     if attention == "divided":
         return DividedBlock(dim, num_heads, mlp_ratio, drop_path, init_values)
-    return Block(dim, num_heads, mlp_ratio, drop_path, init_values, attention=attention)
+    if attention in ("joint", "space_only", "mixing"):
+        return Block(dim, num_heads, mlp_ratio, drop_path, init_values, attention=attention)
+    from .attention_blocks import build_grid_block  # it builds on this module's blocks
+    return build_grid_block(attention, dim, num_heads, mlp_ratio, drop_path, init_values, grid,
+                            index, window_size)

@@ -16,8 +16,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .attention_blocks import AxialBlock, SparseLocalGlobalBlock
 from .checkpoint import StateDict, detect_format, read_state_dict
 from .hf import hf_to_project
+from .layers import DividedBlock
 from .pos_embed import resize_separable_state
 from .timm_inflate import inflate_timm
 from .videomae import VideoMAEPretrain
@@ -81,6 +83,60 @@ def inflate_tubelet(state: StateDict, tubelet_size: int, report: LoadReport) -> 
                         f"{tubelet_size} (repeated, divided by {factor})")
 
 
+# branch prefixes of each attention type (``<p>_norm1``, ``<p>_attn``, ``<p>_fc`` per block)
+BRANCHES = {"divided": DividedBlock.branches, "axial": AxialBlock.branches,
+            "sparse_local_global": SparseLocalGlobalBlock.branches}
+BIAS_TABLE = "attn.relative_position_bias_table"  # attention=window
+
+
+def _source_type(branches: set[str], has_tables: bool) -> str:
+    if has_tables:
+        return "window"
+    if "width" in branches:
+        return "axial"
+    return "sparse_local_global" if "local" in branches else "divided"
+
+
+def convert_attention(state: StateDict, model: VideoViT, report: LoadReport) -> None:
+    """Adapt the blocks of ``state`` to ``model.cfg.attention``, in place.
+
+    A branch the model has and the checkpoint lacks starts as a copy of the block's
+    ``norm1`` / ``attn`` with a zero ``<branch>_fc`` (so it adds nothing); a window model's
+    relative position bias tables start at zero. So a joint / space_only / mixing checkpoint
+    (the same keys) loads into every type: into divided it computes per-slice attention, into
+    axial per-column attention (same t and w), into sparse_local_global the stride-2 global
+    step alone, and into window joint attention restricted to each (shifted) window, each
+    with the checkpoint's weights. Branches or tables the model lacks are left in place, so a
+    strict load fails, with a hint naming the type the checkpoint was built for.
+    """
+    attention = model.cfg.attention
+    branches = {p for group in BRANCHES.values() for p in group
+                if any(f".{p}_attn." in k for k in state)}
+    has_tables = any(k.endswith(BIAS_TABLE) for k in state)
+    wanted = set(BRANCHES.get(attention, ()))
+    if branches - wanted or (has_tables and attention != "window"):
+        source = _source_type(branches, has_tables)
+        report.hints.append(f"the checkpoint has {source}-attention blocks (its extra keys are "
+                            f"unexpected here): load it into attention={source!r}")
+        return
+    for prefix in sorted(wanted - branches):
+        for i, block in enumerate(model.blocks):
+            for name in [k for k in state
+                         if k.startswith((f"blocks.{i}.norm1.", f"blocks.{i}.attn."))]:
+                rest = name[len(f"blocks.{i}."):]  # norm1.* or attn.*
+                state[f"blocks.{i}.{prefix}_{rest}"] = state[name].clone()
+            fc = getattr(block, f"{prefix}_fc")
+            state[f"blocks.{i}.{prefix}_fc.weight"] = torch.zeros_like(fc.weight)
+            state[f"blocks.{i}.{prefix}_fc.bias"] = torch.zeros_like(fc.bias)
+        report.notes.append(f"blocks -> {attention}: {prefix}_norm1/{prefix}_attn copied from "
+                            f"norm1/attn, {prefix}_fc zero")
+    if attention == "window" and not has_tables:
+        for i, block in enumerate(model.blocks):
+            table = block.attn.relative_position_bias_table
+            state[f"blocks.{i}.{BIAS_TABLE}"] = torch.zeros_like(table)
+        report.notes.append(f"blocks -> window: every weight kept, {BIAS_TABLE} zero")
+
+
 def adapt_encoder_state(state: StateDict, model: VideoViT, report: LoadReport) -> StateDict:
     """Convert attention type, resize learned position tables, reconcile head / final norm."""
     cfg = model.cfg
@@ -90,22 +146,7 @@ def adapt_encoder_state(state: StateDict, model: VideoViT, report: LoadReport) -
         report.notes += resize_separable_state(state, "pos_embed.", model.grid)
         if model.pos_embed.time_invariant and state.pop("pos_embed.temporal", None) is not None:
             report.notes.append("dropped pos_embed.temporal (space_only has no time code)")
-    source_divided = any(".temporal_attn." in k for k in state)
-    if cfg.attention == "divided" and not source_divided:
-        for i in range(model.depth):
-            for name in [k for k in state
-                         if k.startswith((f"blocks.{i}.norm1.", f"blocks.{i}.attn."))]:
-                temporal = (name.replace(".norm1.", ".temporal_norm1.")
-                            .replace(".attn.", ".temporal_attn."))
-                state[temporal] = state[name].clone()
-            block = model.blocks[i]
-            state[f"blocks.{i}.temporal_fc.weight"] = torch.zeros_like(block.temporal_fc.weight)
-            state[f"blocks.{i}.temporal_fc.bias"] = torch.zeros_like(block.temporal_fc.bias)
-        report.notes.append("single-attention blocks -> divided: temporal_norm1/temporal_attn "
-                            "copied from norm1/attn, temporal_fc zero")
-    elif source_divided and cfg.attention != "divided":
-        report.hints.append("the checkpoint has divided-attention temporal branches: load it into "
-                            "attention='divided'")
+    convert_attention(state, model, report)
     model_keys = set(model.state_dict())
     if cfg.uses_fc_norm and "fc_norm.weight" not in state and "norm.weight" in state:
         for name in ("norm.weight", "norm.bias"):

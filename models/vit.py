@@ -8,9 +8,9 @@ from timm.layers import trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention_blocks import NEEDS_FULL_GRID
 from .config import ModelConfig
-from .layers import (DividedBlock, TubeletEmbed, build_block, gather_tokens, layer_norm,
-                     patchify)
+from .layers import TubeletEmbed, build_block, gather_tokens, layer_norm, patchify
 from .pos_embed import PositionEmbedding
 
 
@@ -73,7 +73,7 @@ class VideoViT(nn.Module):
         drop_path = torch.linspace(0, cfg.drop_path_rate, dims.depth).tolist()
         self.blocks = nn.ModuleList(
             build_block(cfg.attention, dims.embed_dim, dims.num_heads, dims.mlp_ratio, drop_path[i],
-                        cfg.layer_scale_init)
+                        cfg.layer_scale_init, grid=cfg.grid, index=i, window_size=cfg.window_size)
             for i in range(dims.depth))
         self.norm = nn.Identity() if cfg.uses_fc_norm else layer_norm(dims.embed_dim)
         self.fc_norm = layer_norm(dims.embed_dim) if cfg.uses_fc_norm else nn.Identity()
@@ -86,9 +86,8 @@ class VideoViT(nn.Module):
         if isinstance(self.head, nn.Linear):  # fine-tuning head: trunc normal .02 scaled by 0.001
             trunc_normal_(self.head.weight, std=0.02)
             self.head.weight.data.mul_(0.001)
-        for block in self.blocks:
-            if isinstance(block, DividedBlock):
-                block.zero_temporal_fc()
+        for block in self.blocks:  # zero branch projections, position-bias tables
+            block.init_extra()
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -103,7 +102,8 @@ class VideoViT(nn.Module):
     def visible_index(self, mask: torch.Tensor) -> torch.Tensor:
         """Boolean mask ``(B, N)`` (True = hidden) -> indices of visible tokens ``(B, N_visible)``
         in (t, h, w) order. Every sample must keep the same number of tokens; factorised
-        attention types also need a tube mask (the same spatial mask in every time slice).
+        attention types also need a tube mask (the same spatial mask in every time slice), and
+        the types of ``NEEDS_FULL_GRID`` (axial, sparse_local_global, window) every token.
 
         Computed on the mask's device: the checks and ``nonzero`` need the host, so a mask
         still on the host (as the loader delivers it) costs the accelerator no sync; the
@@ -119,6 +119,10 @@ class VideoViT(nn.Module):
                              f"{counts.tolist()}")
         if counts[0] == 0:
             raise ValueError("mask hides every token")
+        if self.cfg.attention in NEEDS_FULL_GRID:
+            raise ValueError(f"attention={self.cfg.attention!r} cannot run on masked tokens: "
+                             f"{NEEDS_FULL_GRID[self.cfg.attention]}; call it without a mask, "
+                             "or use joint, divided, space_only or mixing")
         if self.cfg.attention != "joint":
             slices = mask.reshape(mask.shape[0], self.grid[0], -1)
             if (slices != slices[:, :1]).any():
@@ -171,7 +175,11 @@ class VideoViT(nn.Module):
     # -- optimiser helpers ----------------------------------------------------------------
 
     def no_weight_decay(self) -> set[str]:
-        return {f"pos_embed.{name}" for name, _ in self.pos_embed.named_parameters()}
+        """Learned position tables and window attention's relative position bias tables
+        (Video Swin excludes them from weight decay too)."""
+        names = {f"pos_embed.{name}" for name, _ in self.pos_embed.named_parameters()}
+        return names | {name for name, _ in self.named_parameters()
+                        if name.endswith("relative_position_bias_table")}
 
     def num_layers(self) -> int:
         """Layer-decay depth: embeddings = 0, blocks 1..depth, head = depth + 1."""

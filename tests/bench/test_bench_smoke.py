@@ -5,7 +5,6 @@ they promise (both implementations compared on the same computation, loader rows
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import math
@@ -14,15 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
 QUICK = ["--quick", "--threads", "0"]  # keep pytest's thread setting
-
-
-@pytest.fixture
-def bench(monkeypatch):
-    """Import ``bench.<name>`` with the repository root on ``sys.path`` (bench is not installed)."""
-    monkeypatch.syspath_prepend(str(REPO))
-    return lambda name: importlib.import_module(f"bench.{name}")
 
 
 def read_json(path: Path) -> dict:

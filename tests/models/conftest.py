@@ -46,3 +46,21 @@ def tube_mask():
 
     return make
 
+
+
+@pytest.fixture
+def train():
+    """Factory: ``steps`` AdamW steps minimising ``step_loss()``; returns the losses."""
+
+    def run(model: torch.nn.Module, step_loss, steps: int = 12, lr: float = 2e-3) -> list[float]:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        losses = []
+        for _ in range(steps):
+            loss = step_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    return run

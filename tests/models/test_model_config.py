@@ -32,7 +32,8 @@ def test_derived_grid_and_tokens():
 @pytest.mark.parametrize("overrides, message", [
     ({"num_frames": 15}, "num_frames=15 is not divisible by model.tubelet_size=2"),
     ({"img_size": 100}, "img_size=100 is not divisible by model.patch_size=16"),
-    ({"attention": "axial"}, "model.attention='axial' is unknown"),
+    ({"attention": "strided"}, "model.attention='strided' is unknown"),
+    ({"window_size": [2, 7]}, "window_size must be 3 positive ints [Tw, M, M], got [2, 7]"),
     ({"pos_embed": "rope"}, "model.pos_embed='rope' is unknown"),
     ({"norm_target": "zca"}, "model.norm_target='zca' is unknown"),
     ({"size": "enormous"}, "model.size='enormous' is unknown"),
