@@ -193,16 +193,22 @@ class BranchBlock(Block):
         """``(attn, tokens (B, N, D)) -> (B, N, D)``: branch ``prefix``'s attention pattern."""
         raise NotImplementedError
 
+    def branch_residual(self, prefix: str, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """Branch ``prefix``'s residual ``(B, N, D)`` for tokens ``x (B, N, D)``."""
+        attend = self.branch_attention(prefix, num_frames)
+        out = attend(getattr(self, f"{prefix}_attn"), getattr(self, f"{prefix}_norm1")(x))
+        return getattr(self, f"{prefix}_fc")(self.drop_path(out))
+
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         for prefix in self.branches:
-            attend = self.branch_attention(prefix, num_frames)
-            out = attend(getattr(self, f"{prefix}_attn"), getattr(self, f"{prefix}_norm1")(x))
-            x = x + getattr(self, f"{prefix}_fc")(self.drop_path(out))
+            x = x + self.branch_residual(prefix, x, num_frames)
         return super().forward(x, num_frames)
 
 
-def along_time(attn: Attention, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """Attention over the ``T'`` tokens of each spatial position of ``(B, T' * S, D)``."""
+def along_time(attn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+               num_frames: int) -> torch.Tensor:
+    """``attn`` (e.g. an ``Attention``) over the ``T'`` tokens of each spatial position of
+    ``(B, T' * S, D)``."""
     b, n, d = x.shape
     s = n // num_frames
     per_position = x.reshape(b, num_frames, s, d).transpose(1, 2).reshape(b * s, num_frames, d)
@@ -221,6 +227,12 @@ class DividedBlock(BranchBlock):
     def branch_attention(self, prefix: str, num_frames: int
                          ) -> Callable[[Attention, torch.Tensor], torch.Tensor]:
         return lambda attn, x: along_time(attn, x, num_frames)
+
+    def branch_residual(self, prefix: str, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        # TimeSformer's order: drop path and projection in the per-position layout, so
+        # stochastic depth drops one position's temporal residual at a time, as in its code
+        return along_time(lambda group: self.temporal_fc(self.drop_path(self.temporal_attn(
+            self.temporal_norm1(group)))), x, num_frames)
 
 
 def build_block(attention: str, dim: int, num_heads: int, mlp_ratio: float, drop_path: float,
