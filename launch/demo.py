@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nDemo results (computed in this run; val = held-out demo clips):\n")
     print(table)
     print(f"\nStage times (s): {json.dumps(timings)}\nOutputs under {out}/")
+    print(f"Every attention type from this encoder, TimeSformer-style (~17 min): python "
+          f"bench/attention_table.py --pretrained {out}/pretrain --data {out}/data")
     return 0
 
 

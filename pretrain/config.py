@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from data_tools.config import DataConfig
 from models import ModelConfig
+from models.attention_blocks import NEEDS_FULL_GRID
 from runtime.checkpoint import CheckpointConfig
 from runtime.config import help_text
 from runtime.engine import EngineConfig
@@ -76,6 +77,11 @@ class PretrainConfig:
                              "model.decoder_mask_ratio=0")
         if model.num_classes:
             raise ValueError("model.num_classes must be 0 for pretraining")
+        if model.attention in NEEDS_FULL_GRID:  # the encoder sees only the visible tokens
+            raise ValueError(f"model.attention={model.attention!r} cannot pretrain: "
+                             f"{NEEDS_FULL_GRID[model.attention]}, and the encoder sees only the "
+                             "visible tokens; pretrain with joint (or divided, space_only, "
+                             "mixing) and fine-tune with it")
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         if not self.out_dir:

@@ -75,3 +75,9 @@ def test_model_and_data_settings_must_agree():
     ok = load_config(PretrainConfig, DEMO_CONFIG, ["data.decoder_mask_type=running_cell",
                                                    "model.decoder_mask_ratio=0.5"])
     assert ok.model.decoder_mask_ratio == 0.5
+
+
+@pytest.mark.parametrize("attention", ["axial", "sparse_local_global", "window"])
+def test_grid_only_attention_types_are_refused_for_pretraining_at_config_time(attention):
+    with pytest.raises(ConfigError, match=f"attention='{attention}' cannot pretrain"):
+        load_config(PretrainConfig, DEMO_CONFIG, [f"model.attention={attention}"])
