@@ -83,7 +83,7 @@ def video_stream(data: DataConfig, seed: int, rank: int, world_size: int,
     """This rank's clips in a resampled loader ``mode`` (``pretrain`` or ``train``): its share
     of ``streams`` (0 = one per rank), ``data.batch_size * streams / world_size`` clips per
     micro-batch."""
-    streams = resolve_streams(0, streams, world_size)
+    streams = resolve_streams(streams, None, world_size)
     configs = {s: rank_data_config(data, s, streams)
                for s in rank_streams(rank, world_size, streams)}
 

@@ -37,8 +37,8 @@ from runtime.engine import TrainEngine, create_engine
 from runtime.io import atomic_save_safetensors, atomic_write_text
 from runtime.seed import seed_everything
 from runtime.preemption import Preempted
-from runtime.training import (Window, checkpoint_now, close_loop, next_position, open_loop,
-                              open_run, resume_from, timed)
+from runtime.training import (Window, checkpoint_now, close_loop, log_window, next_position,
+                              open_loop, open_run, resume_from, timed, validation_due)
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def run(cfg: FinetuneConfig) -> dict:
 
     run_log, bar, preemption = open_loop(out_dir, env.is_main, cfg.log.tensorboard, engine,
                                          stop_at, "finetune")
-    window, last = Window(), {}
+    window = Window()
     try:
         while engine.global_step < stop_at:
             position = next_position(position, stream)
@@ -190,14 +190,10 @@ def run(cfg: FinetuneConfig) -> dict:
                     ema.update(engine.module, step=step)
                 bar.update(1)
                 if step % cfg.log.every_steps == 0 or step == stop_at:
-                    last = window.summary(engine, env.world_size)
-                    run_log.log(step, epoch=position.epoch, **last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
-                                    refresh=False)
+                    log_window(window, engine, env.world_size, run_log, bar, step,
+                               position.epoch)
                     window = Window()
-                epoch_done = position.batch == stream.batches_per_epoch
-                every = cfg.val.every_epochs
-                if epoch_done and every and (position.epoch + 1) % every == 0 and step < stop_at:
+                if validation_due(position, stream, cfg.val.every_epochs, step, stop_at):
                     validate(position.epoch)
                 save, preempted = checkpoint_now(step, stop_at, cfg.checkpoint.every_steps,
                                                  position, preemption)

@@ -33,8 +33,8 @@ from runtime.io import atomic_save_safetensors, atomic_write_text
 from runtime.logging import METRICS_FILE
 from runtime.seed import seed_everything
 from runtime.preemption import Preempted
-from runtime.training import (DataStream, Window, checkpoint_now, close_loop, next_position,
-                              open_loop, open_run, resume_from, timed)
+from runtime.training import (DataStream, Window, checkpoint_now, close_loop, log_window,
+                              next_position, open_loop, open_run, resume_from, timed)
 
 logger = logging.getLogger(__name__)
 
@@ -153,12 +153,9 @@ def run(cfg: PretrainConfig) -> dict:
                 step = engine.global_step
                 bar.update(1)
                 if step % cfg.log.every_steps == 0 or step == stop_at:
-                    last = window.summary(engine, env.world_size)
-                    run_log.log(step, epoch=position.epoch, **last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}",
-                                    zero_pred=f"{last['zero_pred_loss']:.4f}",
-                                    lr=f"{last['lr']:.2e}", clips_s=f"{last['clips_per_s']:.1f}",
-                                    wait=f"{last['data_wait']:.0%}", refresh=False)
+                    last = log_window(window, engine, env.world_size, run_log, bar, step,
+                                      position.epoch, shown=("loss", "zero_pred_loss", "lr",
+                                                             "clips_per_s", "data_wait"))
                     window = Window()
                 vis = cfg.log.vis_every_steps
                 if env.is_main and vis >= 0 and ((vis and step % vis == 0) or step == stop_at):

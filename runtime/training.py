@@ -145,6 +145,31 @@ def checkpoint_now(step: int, stop_at: int, every_steps: int, position: DataPosi
     return scheduled or preempted, preempted
 
 
+# what the progress bar shows of a log window's summary: key -> (label, format)
+BAR_FIELDS = {"loss": ("loss", "{:.4f}"), "zero_pred_loss": ("zero_pred", "{:.4f}"),
+              "lr": ("lr", "{:.2e}"), "clips_per_s": ("clips_s", "{:.1f}"),
+              "data_wait": ("wait", "{:.0%}")}
+
+
+def log_window(window: "Window", engine: TrainEngine, world_size: int, run_log: RunLogger,
+               bar: Any, step: int, epoch: int, shown: tuple[str, ...] = ("loss", "lr")) -> dict:
+    """Write ``window``'s summary at ``step`` to the metrics file and show the ``shown`` keys
+    (``BAR_FIELDS``) on the progress bar; returns the summary."""
+    last = window.summary(engine, world_size)
+    run_log.log(step, epoch=epoch, **last)
+    bar.set_postfix(**{BAR_FIELDS[key][0]: BAR_FIELDS[key][1].format(last[key])
+                       for key in shown}, refresh=False)
+    return last
+
+
+def validation_due(position: DataPosition, stream: DataStream, every_epochs: int, step: int,
+                   stop_at: int) -> bool:
+    """Whether the step that just ended closed an epoch after which the run validates (every
+    ``every_epochs`` epochs, not after the last step: the final test follows it)."""
+    return (position.batch == stream.batches_per_epoch and every_epochs > 0
+            and (position.epoch + 1) % every_epochs == 0 and step < stop_at)
+
+
 def timed(batches: Iterable[dict]) -> Iterator[tuple[dict, float]]:
     """Yield ``(batch, seconds spent waiting for it)``."""
     iterator = iter(batches)

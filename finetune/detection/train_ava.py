@@ -39,8 +39,8 @@ from runtime.io import atomic_write_text
 from runtime.logging import progress
 from runtime.seed import seed_everything
 from runtime.preemption import Preempted
-from runtime.training import (Window, checkpoint_now, close_loop, next_position, open_loop,
-                              open_run, resume_from, timed)
+from runtime.training import (Window, checkpoint_now, close_loop, log_window, next_position,
+                              open_loop, open_run, resume_from, timed, validation_due)
 
 logger = logging.getLogger(__name__)
 
@@ -178,14 +178,10 @@ def run(cfg: DetectConfig) -> dict[str, float]:
                 step = engine.global_step
                 bar.update(1)
                 if step % cfg.log.every_steps == 0 or step == stop_at:
-                    last = window.summary(engine, env.world_size)
-                    run_log.log(step, epoch=position.epoch, **last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
-                                    refresh=False)
+                    log_window(window, engine, env.world_size, run_log, bar, step,
+                               position.epoch)
                     window = Window()
-                epoch_done = position.batch == stream.batches_per_epoch
-                every = val.every_epochs
-                if epoch_done and every and (position.epoch + 1) % every == 0 and step < stop_at:
+                if validation_due(position, stream, val.every_epochs, step, stop_at):
                     validate()
                 save, preempted = checkpoint_now(step, stop_at, cfg.checkpoint.every_steps,
                                                  position, preemption)

@@ -21,6 +21,7 @@ Single process: feature extraction and the head run on one device. Outputs in ``
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -94,14 +95,12 @@ def video_features(rows: FeatureSet, classes: list[str], segments_csv: str) -> l
     """One ``VideoFeatures`` per video of ``rows`` (in file order), with its ground truth from
     ``segments_csv`` or else from the json's ``segments``."""
     table = read_segments_csv(segments_csv, classes) if segments_csv else None
-    first: dict[str, int] = {}
-    for row, key in enumerate(rows.keys):
-        first.setdefault(key, row)
-    out = []
-    for key, start in first.items():
+    out, start = [], 0
+    for key, group in itertools.groupby(rows.keys):  # a video's windows are consecutive rows
+        count = sum(1 for _ in group)
+        features, start = rows.features[start:start + count], start + count
         video = rows.videos[key]
         video_id = str(video["json"].get("video_id", key))
-        features = rows.features[start:start + rows.keys.count(key)]
         if table is not None:
             segments, labels = table.get(video_id,
                                          (torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)))
