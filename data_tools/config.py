@@ -15,6 +15,7 @@ from typing import Literal
 from data_tools.decode import Backend
 from data_tools.masking import DecoderMaskType, MaskType
 from data_tools.sampling import Sampling
+from data_tools.shard_set import ShardSpec, shard_sources
 from runtime.config import check_choices, derived, help_text
 from runtime.constants import IMAGENET_MEAN, IMAGENET_STD
 
@@ -35,9 +36,11 @@ def _geometry_help(text: str, field_name: str) -> dict:
 
 @dataclass
 class DataConfig:
-    shards: str = field(default="", metadata=help_text(
+    shards: ShardSpec = field(default="", metadata=help_text(
         "a manifest.json, a shard-set folder, or shard URLs: a glob or brace pattern "
-        "('train-{000000..000099}.tar'), '::'-separated list, 'pipe:' commands"))
+        "('train-{000000..000099}.tar'), '::'-separated list, 'pipe:' commands; or, for "
+        "pretrain/train, several sets mixed by weight: {name: {path: ..., weight: w}, ...} "
+        "(weights relative; each batch takes about w / sum(w) of its clips from the set)"))
     num_frames: int | None = field(
         default=None, metadata=_geometry_help("frames per clip", "num_frames"))
     sampling_rate: int = field(default=4, metadata=help_text(
@@ -90,8 +93,22 @@ class DataConfig:
         "records it). A rank reads streams / world_size of them, so a run resumes on any rank "
         "count that divides it and reads the same global batches"))
     mask_type: MaskType = field(default="tube", metadata=help_text(
-        "encoder mask in pretrain mode: 'tube', 'random' or 'none'"))
-    mask_ratio: float = field(default=0.9, metadata=help_text("fraction of masked tokens"))
+        "encoder mask in pretrain mode: 'tube', 'random', 'multiblock' (V-JEPA 3D blocks, "
+        "block_* fields) or 'none'"))
+    mask_ratio: float = field(default=0.9, metadata=help_text(
+        "fraction of masked tokens (tube, random)"))
+    block_counts: tuple[int, ...] = field(default=(8, 2), metadata=help_text(
+        "multiblock: blocks per mask group; each batch is masked by one group, drawn at "
+        "random (V-JEPA: 8 short-range and 2 long-range blocks)"))
+    block_scales: tuple[tuple[float, float], ...] = field(
+        default=((0.15, 0.15), (0.7, 0.7)), metadata=help_text(
+            "multiblock: [min, max] spatial area of each block of a group, as a fraction of "
+            "the frame, one range per entry of block_counts"))
+    block_aspect_ratio: tuple[float, float] = field(default=(0.75, 1.5), metadata=help_text(
+        "multiblock: [min, max] height / width of a block"))
+    block_temporal_scale: tuple[float, float] = field(default=(1.0, 1.0), metadata=help_text(
+        "multiblock: [min, max] time slices a block spans, as a fraction of the clip "
+        "(1 = the whole clip)"))
     decoder_mask_type: DecoderMaskType = field(default="none", metadata=help_text(
         "decoder mask in pretrain mode: 'none' or 'running_cell' (VideoMAE V2)"))
     decoder_mask_ratio: float = field(default=0.5, metadata=help_text(
@@ -121,6 +138,26 @@ class DataConfig:
         if not 0.0 <= self.mask_ratio < 1.0 or not 0.0 < self.decoder_mask_ratio < 1.0:
             raise ValueError(f"data.mask_ratio must be in [0, 1) and decoder_mask_ratio in "
                              f"(0, 1), got {self.mask_ratio}, {self.decoder_mask_ratio}")
+        self._validate_blocks()
+        try:
+            shard_sources(self.shards)
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+
+    def _validate_blocks(self) -> None:
+        if len(self.block_counts) != len(self.block_scales) or not self.block_counts:
+            raise ValueError(f"data.block_counts {list(self.block_counts)} and "
+                             f"data.block_scales {[list(s) for s in self.block_scales]} need "
+                             "one entry per mask group (at least one)")
+        if min(self.block_counts) < 1:
+            raise ValueError(f"data.block_counts must be >= 1, got {list(self.block_counts)}")
+        ranges = [(f"block_scales[{i}]", r, 1.0) for i, r in enumerate(self.block_scales)]
+        ranges += [("block_aspect_ratio", self.block_aspect_ratio, float("inf")),
+                   ("block_temporal_scale", self.block_temporal_scale, 1.0)]
+        for name, (low, high), top in ranges:
+            if not 0 < low <= high <= top:
+                raise ValueError(f"data.{name} must be a range [min, max] with 0 < min <= max"
+                                 f"{' <= 1' if top == 1.0 else ''}, got {[low, high]}")
 
     def with_geometry(self, num_frames: int, input_size: int, patch_size: int,
                       tubelet_size: int) -> DataConfig:

@@ -6,10 +6,12 @@
 ``decoder_mask`` bool ``(B, N)`` (True = masked) and ``view`` long ``(B,)``.
 
 Modes:
-- ``"pretrain"``: shards resampled with replacement (an infinite stream per worker), shuffle
-  buffer, random dense/segment clips, multi-scale crop, encoder (+ decoder) masks. Every rank
-  yields the same number of batches per epoch: ``epoch_samples * repeat // (batch_size *
-  world_size)``.
+- ``"pretrain"``: shards resampled with replacement (an infinite stream per worker; with
+  several weighted shard sets, one per set mixed by weight: ``data_tools.shard_set``),
+  shuffle buffer, random dense/segment clips, multi-scale crop, encoder (+ decoder) masks
+  (multiblock masks are added per batch: ``data_tools.masking.MultiblockMasker``). Every
+  rank yields the same number of batches per epoch: ``epoch_samples * repeat // (batch_size
+  * world_size)``, ``epoch_samples`` defaulting to the videos of all sets.
 - ``"train"``: the same stream with fine-tuning augmentation (random resized crop, optional
   flip) and no masks.
 - ``"eval"``: every sample exactly once across ranks x workers: rank ``r`` reads shards
@@ -42,9 +44,11 @@ import webdataset as wds
 from data_tools.clips import MODES, RESAMPLED_MODES, ClipCollator, ClipMaker
 from data_tools.config import DataConfig
 from data_tools.loader_stats import LoaderStats, SkipHandler
-from data_tools.masking import build_decoder_mask_generator, build_mask_generator
-from data_tools.seeding import Shuffle, WorkerSeed
-from data_tools.shard_set import resolve_shards
+from data_tools.masking import (MultiblockMasker, build_decoder_mask_generator,
+                                build_mask_generator, multiblock_groups)
+from data_tools.seeding import Shuffle
+from data_tools.shard_set import (resampled_samples, resolve_shards, resolve_sources,
+                                  total_samples)
 from runtime.dist import discover
 from runtime.errors import InputError
 
@@ -75,8 +79,9 @@ class VideoLoader:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Cumulative counts for this rank: ``decoded``, ``skipped``, ``skipped/<reason>``."""
-        return LoaderStats.as_dict(self._stats.snapshot())
+        """Cumulative counts for this rank: ``decoded``, ``skipped``, ``skipped/<reason>``
+        (and ``samples/<set>`` for a mixture of shard sets)."""
+        return {**LoaderStats.as_dict(self._stats.snapshot()), **self._stats.taken_by_set()}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         before = self._stats.snapshot()
@@ -115,20 +120,26 @@ def build_loader(cfg: DataConfig, mode: str, rank: int | None = None,
     rank, world_size = _rank_and_world(rank, world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    shards = resolve_shards(cfg.shards)
-    stats = LoaderStats(cfg.num_workers)
+    # resampled modes may mix several shard sets; the read-once modes read one
+    sets = resolve_sources(cfg.shards) if mode in RESAMPLED_MODES else []
+    stats = LoaderStats(cfg.num_workers, tuple(source.name for source, _ in sets if source.name))
 
-    decoder_mask_generator = None
+    decoder_mask_generator = batch_masker = None
     if mask_generator is None and mode == "pretrain":
-        mask_generator = build_mask_generator(cfg.mask_type, cfg.token_grid, cfg.mask_ratio)
-    if mask_generator is not None:
+        if cfg.mask_type == "multiblock":
+            batch_masker = MultiblockMasker(multiblock_groups(
+                cfg.token_grid, cfg.block_counts, cfg.block_scales, cfg.block_aspect_ratio,
+                cfg.block_temporal_scale), cfg.seed, rank)
+        else:
+            mask_generator = build_mask_generator(cfg.mask_type, cfg.token_grid, cfg.mask_ratio)
+    if mask_generator is not None or batch_masker is not None:
         decoder_mask_generator = build_decoder_mask_generator(
             cfg.decoder_mask_type, cfg.token_grid, cfg.decoder_mask_ratio)
     clip_maker = ClipMaker(cfg, mode, rank, stats, mask_generator, decoder_mask_generator)
 
     num_batches = num_samples = None
     if mode in RESAMPLED_MODES:
-        epoch_samples = cfg.epoch_samples or shards.total_samples
+        epoch_samples = cfg.epoch_samples or total_samples(sets)
         if not epoch_samples:
             raise InputError(f"data.epoch_samples must be set for mode {mode!r} when "
                              f"data.shards ({cfg.shards}) is not a manifest with counts")
@@ -136,12 +147,11 @@ def build_loader(cfg: DataConfig, mode: str, rank: int | None = None,
         if num_batches < 1:
             raise InputError(f"an epoch of {epoch_samples} videos x repeat {cfg.repeat} "
                              f"gives no full batch of {cfg.batch_size} on {world_size} ranks")
-        stages = [wds.ResampledShards(shards.urls, seed=cfg.seed, deterministic=True,
-                                      worker_seed=WorkerSeed(cfg.seed, rank)),
-                  wds.tarfile_to_samples(handler=SkipHandler(stats))]
+        stages = resampled_samples(sets, cfg.seed, rank, stats)
         if cfg.shuffle_buffer > 1:
             stages.append(Shuffle(cfg.shuffle_buffer, cfg.seed, rank))
     else:
+        shards = resolve_shards(cfg.shards)
         readers = world_size * max(cfg.num_workers, 1)
         if len(shards.urls) < readers:
             raise InputError(
@@ -156,6 +166,8 @@ def build_loader(cfg: DataConfig, mode: str, rank: int | None = None,
                   wds.tarfile_to_samples(handler=SkipHandler(stats))]
     stages += [clip_maker, wds.batched(cfg.batch_size, collation_fn=ClipCollator(cfg.mean, cfg.std),
                                        partial=mode not in RESAMPLED_MODES)]
+    if batch_masker is not None:
+        stages.append(batch_masker)
     dataset = wds.DataPipeline(*stages)
 
     loader = wds.WebLoader(

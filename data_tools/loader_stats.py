@@ -3,8 +3,11 @@
 A sample that cannot be read is skipped, never replaced. ``LoaderStats`` counts decoded and
 skipped samples per DataLoader worker in a shared-memory ``int64`` tensor of shape
 ``(num_workers, 1 + len(SKIP_REASONS))`` (column 0 = decoded, then one column per reason), so
-the main process sees what its workers counted. ``SampleError`` carries the reason of a
-per-sample failure; ``SkipHandler`` is the WebDataset handler for tar-level errors.
+the main process sees what its workers counted. A loader over several weighted shard sets
+also counts the samples taken from each set (``samples/<name>``: drawn from the set's tar
+files, before decoding; workers may read ahead of the batches consumed). ``SampleError``
+carries the reason of a per-sample failure; ``SkipHandler`` is the WebDataset handler for
+tar-level errors.
 """
 from __future__ import annotations
 
@@ -23,9 +26,12 @@ WORKER_CHECK_MIN_SAMPLES = 100  # a worker checks its own failure fraction from 
 class LoaderStats:
     """Per-worker counters in shared memory: column 0 = decoded, then one per skip reason."""
 
-    def __init__(self, num_workers: int):
+    def __init__(self, num_workers: int, set_names: tuple[str, ...] = ()):
         self.counts = torch.zeros(max(num_workers, 1), 1 + len(SKIP_REASONS),
                                   dtype=torch.int64).share_memory_()
+        self.set_names = set_names
+        self.taken = torch.zeros(max(num_workers, 1), len(set_names),
+                                 dtype=torch.int64).share_memory_()
 
     def worker_counts(self) -> torch.Tensor:
         """The calling worker's row (the main process uses row 0 without workers)."""
@@ -37,6 +43,16 @@ class LoaderStats:
 
     def add_skipped(self, reason: str) -> None:
         self.worker_counts()[1 + SKIP_REASONS.index(reason)] += 1
+
+    def add_taken(self, set_index: int) -> None:
+        """One sample taken from shard set ``set_index`` (a mixture's ``WeightedMix``)."""
+        info = get_worker_info()
+        self.taken[info.id if info is not None else 0, set_index] += 1
+
+    def taken_by_set(self) -> dict[str, int]:
+        """``{"samples/<name>": n}`` for each shard set of a mixture (empty otherwise)."""
+        totals = self.taken.sum(0)
+        return {f"samples/{name}": int(n) for name, n in zip(self.set_names, totals)}
 
     def snapshot(self) -> torch.Tensor:
         return self.counts.sum(0).clone()

@@ -11,15 +11,38 @@ so every sample of a batch has the same number of visible tokens.
 - ``RunningCellMaskGenerator``: VideoMAE V2 decoder masking - a 2x2 cell pattern with
   ``int(4 * ratio)`` masked cells, tiled over the grid and shifted by one cell position per
   time slice. True = not reconstructed by the decoder (V2's ``decode_masked_pos``).
+- ``MultiblockMaskGenerator``: one V-JEPA multiblock 3D mask group - the union of
+  ``num_blocks`` space-time blocks with exactly ``num_visible`` tokens left visible (below).
+  ``MultiblockMasker`` is the worker stage that masks whole batches with one of several
+  groups (V-JEPA: 8 blocks at scale 0.15, 2 blocks at 0.7).
 
 Randomness comes from ``generator`` (a ``torch.Generator``) when given, else from torch's
 global RNG, which DataLoader seeds differently in every worker.
+
+Multiblock visible count. The union of random blocks hides a varying number of tokens, but
+the encoder needs the same number of visible tokens in every sample of a micro-batch. V-JEPA
+trims every sample's visible set to the minimum over its batch. Here each group has a fixed
+count instead, ``num_visible`` = the 5th percentile of the visible count over 1024 draws of
+its blocks (seeded, so the same on every process): a draw leaving fewer visible tokens is
+redrawn, one leaving more has its surplus visible tokens (chosen at random) masked too. The
+fixed count is about V-JEPA's batch minimum at its 24 clips per GPU, and unlike a batch
+minimum it does not depend on which clips share a micro-batch: a rank that concatenates the
+batches of several data streams (``data_tools.stream``) gets equal counts, and a global batch
+is the same whichever number of ranks reads it (exact elastic resume). The surplus is dropped
+at random positions rather than V-JEPA's last ones in ``(t, h, w)`` order, which would
+always hide the end of the clip.
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
+import math
+from functools import lru_cache
+from typing import Iterator, Literal, get_args
 
+import numpy as np
 import torch
+from torch.utils.data import get_worker_info
+
+from data_tools.seeding import stream_seed
 
 
 class MaskGenerator:
@@ -105,7 +128,158 @@ class RunningCellMaskGenerator(MaskGenerator):
         return self._phases[phase].clone()
 
 
-MaskType = Literal["tube", "random", "none"]
+class MultiblockMaskGenerator(MaskGenerator):
+    """One V-JEPA multiblock 3D mask group (``src/masks/multiblock3d.py``).
+
+    Per sample one block size is drawn as V-JEPA draws it: ``t = max(1, int(T' * s_t))``
+    slices, a spatial area of ``int(H' * W' * s)`` tokens with aspect ratio ``a`` (height
+    ``round(sqrt(area * a))``, width ``round(sqrt(area / a))``, clipped to the grid), with
+    ``s_t``, ``s`` and ``a`` uniform in their ranges; ``num_blocks`` blocks of that size are
+    placed uniformly and their union is masked, then the count is fixed at ``num_visible``
+    (module docstring). With ``temporal_scale=(1, 1)`` every block spans the whole clip.
+    """
+
+    DRAWS_FOR_COUNT = 1024
+    VISIBLE_QUANTILE = 0.05
+    MAX_REDRAWS = 100
+
+    def __init__(self, input_size: tuple[int, int, int], num_blocks: int,
+                 spatial_scale: tuple[float, float] = (0.15, 0.15),
+                 aspect_ratio: tuple[float, float] = (0.75, 1.5),
+                 temporal_scale: tuple[float, float] = (1.0, 1.0)):
+        super().__init__(input_size, 0.0)
+        if num_blocks < 1:
+            raise ValueError(f"a multiblock group needs >= 1 block, got {num_blocks}")
+        for name, (low, high), top in (("spatial_scale", spatial_scale, 1.0),
+                                       ("aspect_ratio", aspect_ratio, math.inf),
+                                       ("temporal_scale", temporal_scale, 1.0)):
+            if not 0 < low <= high <= top:
+                raise ValueError(f"multiblock {name} must be a range 0 < min <= max"
+                                 f"{' <= 1' if top == 1.0 else ''}, got {(low, high)}")
+        self.num_blocks = num_blocks
+        self.spatial_scale, self.aspect_ratio = tuple(spatial_scale), tuple(aspect_ratio)
+        self.temporal_scale = tuple(temporal_scale)
+        self.num_visible = _visible_count(self._settings())
+        if self.num_visible < 1:
+            raise ValueError(f"{num_blocks} blocks at spatial scale {spatial_scale} hide every "
+                             f"token of a {(self.frames, self.height, self.width)} grid in over "
+                             f"{self.VISIBLE_QUANTILE:.0%} of draws: use fewer or smaller blocks")
+
+    def _settings(self) -> tuple:
+        return ((self.frames, self.height, self.width), self.num_blocks, self.spatial_scale,
+                self.aspect_ratio, self.temporal_scale)
+
+    @property
+    def num_masked(self) -> int:
+        return self.num_tokens - self.num_visible
+
+    def blocks(self, generator: torch.Generator | None = None, draws: int = 1) -> torch.Tensor:
+        """``draws`` unions of blocks before the count is fixed: bool ``(draws, T', H', W')``,
+        True = inside a block."""
+        return _block_unions(self._settings(), draws, generator)
+
+    def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        for _ in range(self.MAX_REDRAWS):
+            mask = self.blocks(generator)[0].flatten()
+            if self.num_tokens - int(mask.sum()) >= self.num_visible:
+                break
+        visible = (~mask).nonzero()[:, 0]
+        surplus = len(visible) - self.num_visible
+        if surplus > 0:
+            mask[visible[torch.randperm(len(visible), generator=generator)[:surplus]]] = True
+        elif surplus < 0:  # MAX_REDRAWS short draws in a row (p < 0.05^100): reveal a few
+            hidden = mask.nonzero()[:, 0]
+            mask[hidden[torch.randperm(len(hidden), generator=generator)[:-surplus]]] = False
+        return mask
+
+
+def _uniform(low: float, high: float, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def _block_unions(settings: tuple, draws: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Bool ``(draws, T', H', W')``: per draw one block size, ``num_blocks`` blocks placed
+    uniformly, their union True."""
+    (frames, height, width), num_blocks, spatial, aspect, temporal = settings
+    t = (frames * _uniform(*temporal, draws, generator)).long().clamp(1, frames)
+    area = (height * width * _uniform(*spatial, draws, generator)).long()
+    ratio = _uniform(*aspect, draws, generator)
+    h = (area * ratio).sqrt().round().long().clamp(1, height)
+    w = (area / ratio).sqrt().round().long().clamp(1, width)
+
+    def starts(room: torch.Tensor) -> torch.Tensor:  # uniform in [0, room] per block: (D, K)
+        u = torch.rand(draws, num_blocks, generator=generator, dtype=torch.float64)
+        return (u * (room.view(-1, 1) + 1)).long()
+
+    def inside(size: torch.Tensor, start: torch.Tensor, extent: int) -> torch.Tensor:
+        index = torch.arange(extent).view(1, 1, -1)  # (D, K, extent)
+        return (index >= start.unsqueeze(-1)) & (index < (start + size.view(-1, 1)).unsqueeze(-1))
+
+    in_t = inside(t, starts(frames - t), frames)
+    in_h = inside(h, starts(height - h), height)
+    in_w = inside(w, starts(width - w), width)
+    blocks = in_t[..., :, None, None] & in_h[..., None, :, None] & in_w[..., None, None, :]
+    return blocks.any(dim=1)
+
+
+@lru_cache(maxsize=32)
+def _visible_count(settings: tuple) -> int:
+    """The group's fixed visible count: a low quantile of the visible tokens left by
+    ``DRAWS_FOR_COUNT`` seeded draws (the same on every process)."""
+    cls = MultiblockMaskGenerator
+    unions = _block_unions(settings, cls.DRAWS_FOR_COUNT, torch.Generator().manual_seed(0))
+    visible = np.sort((~unions).flatten(1).sum(1).numpy())
+    return int(visible[int(cls.VISIBLE_QUANTILE * len(visible))])
+
+
+class MultiblockMasker:
+    """Worker pipeline stage after batching: adds ``mask`` bool ``(B, N)`` to each batch,
+    every sample masked by one group of ``groups`` (``MultiblockMaskGenerator``), so every
+    sample keeps that group's ``num_visible`` tokens.
+
+    The group is drawn per batch from ``(seed, the batch's number in the loader)`` only: the
+    loaders of several data streams built with one seed (``data_tools.stream``) pick the same
+    group for their ``i``-th batches, which a rank concatenates into one micro-batch. (A
+    DataLoader with ``W`` workers takes its batch ``i`` from worker ``i % W``, so a worker's
+    ``k``-th batch is batch ``k * W + worker``.) Block positions come from a per-rank, per-worker
+    generator (``seeding.stream_seed`` stage 3).
+    """
+
+    def __init__(self, groups: list[MultiblockMaskGenerator], seed: int, rank: int):
+        if not groups:
+            raise ValueError("MultiblockMasker needs at least one mask group")
+        self.groups, self.seed, self.rank, self.passes = groups, seed, rank, 0
+
+    def group_for(self, batch_number: int) -> MultiblockMaskGenerator:
+        """The group of the loader's batch ``batch_number``."""
+        rng = np.random.default_rng([self.seed, batch_number])
+        return self.groups[int(rng.integers(len(self.groups)))]
+
+    def __call__(self, batches: Iterator[dict]) -> Iterator[dict]:
+        self.passes += 1
+        positions = torch.Generator().manual_seed(stream_seed(self.seed, self.rank, 3,
+                                                              self.passes))
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for k, batch in enumerate(batches):
+            group = self.group_for(k * workers + worker)
+            batch["mask"] = torch.stack([group(positions) for _ in range(len(batch["key"]))])
+            yield batch
+
+
+def multiblock_groups(input_size: tuple[int, int, int], block_counts: tuple[int, ...],
+                      block_scales: tuple[tuple[float, float], ...],
+                      aspect_ratio: tuple[float, float],
+                      temporal_scale: tuple[float, float]) -> list[MultiblockMaskGenerator]:
+    """One ``MultiblockMaskGenerator`` per entry of ``block_counts`` / ``block_scales``."""
+    if len(block_counts) != len(block_scales):
+        raise ValueError(f"block_counts {block_counts} and block_scales {block_scales} must "
+                         "have one entry per mask group")
+    return [MultiblockMaskGenerator(input_size, count, scale, aspect_ratio, temporal_scale)
+            for count, scale in zip(block_counts, block_scales)]
+
+
+MaskType = Literal["tube", "random", "multiblock", "none"]
 DecoderMaskType = Literal["none", "running_cell"]
 MASK_TYPES = get_args(MaskType)
 DECODER_MASK_TYPES = get_args(DecoderMaskType)
@@ -113,13 +287,17 @@ DECODER_MASK_TYPES = get_args(DecoderMaskType)
 
 def build_mask_generator(mask_type: str, input_size: tuple[int, int, int],
                          mask_ratio: float) -> MaskGenerator | None:
-    """Encoder mask generator by name (``"none"`` -> None)."""
+    """Per-clip encoder mask generator by name (``"none"`` -> None; ``"multiblock"`` masks
+    whole batches: ``MultiblockMasker``)."""
     if mask_type == "tube":
         return TubeMaskGenerator(input_size, mask_ratio)
     if mask_type == "random":
         return RandomMaskGenerator(input_size, mask_ratio)
     if mask_type == "none":
         return None
+    if mask_type == "multiblock":
+        raise ValueError("multiblock masks are made per batch: build MultiblockMasker "
+                         "(multiblock_groups) instead of a per-clip generator")
     raise ValueError(f"unknown mask_type {mask_type!r}; choose one of {list(MASK_TYPES)}")
 
 

@@ -1,7 +1,8 @@
 """A rank's resampled video clips as a resumable ``runtime.training.DataStream``.
 
-The shards are dealt to ``streams`` data streams (``shards[s::streams]``, disjoint), a number
-fixed for the whole run (by default the world size when it starts). Each stream resamples
+The shards are dealt to ``streams`` data streams (``shards[s::streams]``, disjoint; for a
+mixture of weighted shard sets, each set's shards are dealt that way), a number fixed for the
+whole run (by default the world size when it starts). Each stream resamples
 from its own shards with its own loader of ``data.batch_size`` clips per batch; rank ``r`` of
 ``W`` reads streams ``r, r + W, ...`` and concatenates their batches into one micro-batch.
 Every global batch is therefore the same set of clips on any rank count that divides
@@ -18,22 +19,27 @@ import torch
 
 from data_tools.config import DataConfig
 from data_tools.loader import VideoLoader, build_loader
-from data_tools.shard_set import resolve_shards
+from data_tools.shard_set import (ShardSource, is_mixture, mixture_spec, resolve_sources,
+                                  total_samples)
 from runtime.errors import InputError
 from runtime.training import DataStream
 
 
 def rank_data_config(data: DataConfig, stream: int, streams: int) -> DataConfig:
-    """``data`` restricted to one stream's shards (``shards[stream::streams]``), with the
-    epoch length of the whole set."""
-    shard_set = resolve_shards(data.shards)
-    if len(shard_set.urls) < streams:
-        raise InputError(f"data.shards ({data.shards}) has {len(shard_set.urls)} shard(s); "
-                         f"{streams} data streams need at least one each (streams read "
-                         "disjoint shards): write smaller shards or lower data.streams")
-    epoch_samples = data.epoch_samples or shard_set.total_samples or 0
-    return replace(data, shards="::".join(shard_set.urls[stream::streams]),
-                   epoch_samples=epoch_samples)
+    """``data`` restricted to one stream's shards (``shards[stream::streams]`` of each shard
+    set), with the epoch length of the whole data."""
+    sets = resolve_sources(data.shards)
+    for source, shard_set in sets:
+        if len(shard_set.urls) < streams:
+            raise InputError(f"{source.where} ({source.path}) has {len(shard_set.urls)} "
+                             f"shard(s); {streams} data streams need at least one each (streams "
+                             "read disjoint shards): write smaller shards or lower data.streams")
+    parts = ["::".join(shard_set.urls[stream::streams]) for _, shard_set in sets]
+    shards = (mixture_spec([ShardSource(source.name, part, source.weight)
+                            for (source, _), part in zip(sets, parts)])
+              if is_mixture(data.shards) else parts[0])
+    epoch_samples = data.epoch_samples or total_samples(sets) or 0
+    return replace(data, shards=shards, epoch_samples=epoch_samples)
 
 
 def resolve_streams(configured: int, recorded: int | None, world_size: int) -> int:
