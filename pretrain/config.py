@@ -66,8 +66,14 @@ class PretrainConfig:
             raise ValueError("model.pixel_mean/pixel_std must equal data.mean/std (the target "
                              "undoes the input normalisation)")
         if data.mask_type == "none":
-            raise ValueError(
-                "pretraining needs an encoder mask: data.mask_type must be tube or random")
+            raise ValueError("pretraining needs an encoder mask: data.mask_type must be tube, "
+                             "random or multiblock")
+        if data.mask_type != "tube" and model.attention != "joint":
+            raise ValueError(f"data.mask_type={data.mask_type!r} hides different tokens in "
+                             f"different time slices, and model.attention={model.attention!r} "
+                             "factorises attention over the time slices, so it needs a tube mask "
+                             "(the same spatial mask in every slice): pretrain with "
+                             "model.attention=joint, or use data.mask_type=tube")
         uses_decoder_mask = data.decoder_mask_type != "none"
         if uses_decoder_mask != (model.decoder_mask_ratio > 0) or (
                 uses_decoder_mask and model.decoder_mask_ratio != data.decoder_mask_ratio):

@@ -1,6 +1,7 @@
 """VideoMAE pretraining loop on DeepSpeed.
 
-``run(cfg)`` runs one rank of a run: the loader (tube masking, repeated augmentation) feeds
+``run(cfg)`` runs one rank of a run: the loader (tube, random or multiblock masks, repeated
+augmentation, one shard set or several mixed by weight) feeds
 ``VideoMAEPretrain`` wrapped by ``runtime.engine``; checkpoints every N steps carry the data
 position, RNG states and the step (which fixes the lr schedule) and export the encoder as
 ``encoder.safetensors`` for fine-tuning.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from data_tools.shard_set import shard_urls
 from data_tools.stream import rank_data_config, rank_streams, resolve_streams, video_stream
 from models import VideoMAEPretrain, build_pretrain_model, encoder_state_dict
 from models.checkpoint import ENCODER_EXPORT, config_metadata
@@ -30,11 +32,11 @@ from runtime.checkpoint import CheckpointManager, DataPosition
 from runtime.dist import init_distributed
 from runtime.engine import TrainEngine, create_engine
 from runtime.io import atomic_save_safetensors, atomic_write_text
-from runtime.logging import METRICS_FILE
+from runtime.logging import METRICS_FILE, RunLogger
 from runtime.seed import seed_everything
 from runtime.preemption import Preempted
-from runtime.training import (DataStream, Window, checkpoint_now, close_loop, log_window,
-                              next_position, open_loop, open_run, resume_from, timed)
+from runtime.training import (DataStream, Window, checkpoint_now, close_loop, global_mean,
+                              log_window, next_position, open_loop, open_run, resume_from, timed)
 
 logger = logging.getLogger(__name__)
 
@@ -168,23 +170,35 @@ def run(cfg: PretrainConfig) -> dict:
                     raise Preempted(step, str(out_dir))
                 if save:
                     break  # the next segment's loader starts at the checkpointed position
+            log_samples_by_set(run_log, stream, engine, env.world_size)
     finally:
         close_loop(run_log, bar, preemption)
-    shards = "::".join(rank_data_config(cfg.data, s, streams).shards
-                       for s in rank_streams(env.rank, env.world_size, streams))
-    _write_rank_summary(out_dir, shards,
-                        env.rank, env.world_size, stream, engine)
+    shards = [url for s in rank_streams(env.rank, env.world_size, streams)
+              for url in shard_urls(rank_data_config(cfg.data, s, streams).shards)]
+    _write_rank_summary(out_dir, shards, env.rank, env.world_size, stream, engine)
     if env.is_main and (out_dir / METRICS_FILE).is_file() and last:
         save_loss_curve(out_dir / METRICS_FILE, out_dir / "figures" / "loss_curve.png")
     return {"step": engine.global_step, "loss": last.get("loss", math.nan),
             "zero_pred_loss": last.get("zero_pred_loss", math.nan), "out_dir": str(out_dir)}
 
 
-def _write_rank_summary(out_dir: Path, shards: str, rank: int, world_size: int,
+def log_samples_by_set(run_log: RunLogger, stream: DataStream, engine: TrainEngine,
+                       world_size: int) -> None:
+    """After a loader segment (every rank at once): a ``data`` record in metrics.jsonl with
+    the samples taken from each shard set of a mixture, summed over ranks, since this
+    process started (``samples/<set>``; nothing for a single shard set)."""
+    names = sorted(key for key in stream.stats if key.startswith("samples/"))
+    if names:
+        totals = global_mean([float(stream.stats[n]) for n in names], engine.device)
+        run_log.log(engine.global_step, tag="data",
+                    **{name: round(total * world_size) for name, total in zip(names, totals)})
+
+
+def _write_rank_summary(out_dir: Path, shards: list[str], rank: int, world_size: int,
                         stream: DataStream, engine: TrainEngine) -> None:
     """``ranks/rank_<r>.json``: this rank's shards, loader counts and final weight hash."""
     summary = {"rank": rank, "world_size": world_size, "step": engine.global_step,
-               "shards": shards.split("::"), "loader": stream.stats,
+               "shards": shards, "loader": stream.stats,
                "nonfinite_total": engine.nonfinite_total,
                "weights_sha256": weights_fingerprint(engine.module)}
     atomic_write_text(out_dir / "ranks" / f"rank_{rank:05d}.json", json.dumps(summary, indent=2))
