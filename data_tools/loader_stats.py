@@ -5,7 +5,9 @@ skipped samples per DataLoader worker in a shared-memory ``int64`` tensor of sha
 ``(num_workers, 1 + len(SKIP_REASONS))`` (column 0 = decoded, then one column per reason), so
 the main process sees what its workers counted. A loader over several weighted shard sets
 also counts the samples taken from each set (``samples/<name>``: drawn from the set's tar
-files, before decoding; workers may read ahead of the batches consumed). ``SampleError``
+files, before decoding: workers read ahead of the batches consumed, and a loader rebuilt at a
+checkpoint refills its shuffle buffer, so the counts exceed the clips trained on; their
+proportions are the mixture's). ``SampleError``
 carries the reason of a per-sample failure; ``SkipHandler`` is the WebDataset handler for
 tar-level errors.
 """

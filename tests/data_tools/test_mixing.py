@@ -88,7 +88,8 @@ def test_two_streams_partition_every_set_and_merge_into_the_two_rank_batches(two
     batches, so the merged micro-batch keeps one visible count."""
     cfg = DataConfig(shards=mixture(two_sets, small=1.0, large=2.0), num_workers=0,
                      shuffle_buffer=4, seed=3, mask_type="multiblock",
-                     block_scales=((0.15, 0.15), (0.4, 0.4)), **{**TINY, "input_size": 64})
+                     block_scales=((0.15, 0.15), (0.4, 0.4)), decoder_mask_type="running_cell",
+                     **{**TINY, "input_size": 64})
     parts = [rank_data_config(cfg, stream, 2) for stream in (0, 1)]
     assert parts[0].epoch_samples == parts[1].epoch_samples == 16  # both sets together
     for name in ("small", "large"):
@@ -108,6 +109,8 @@ def test_two_streams_partition_every_set_and_merge_into_the_two_rank_batches(two
         assert batch["key"] == ranks[0][step]["key"] + ranks[1][step]["key"]
         assert torch.equal(batch["mask"], torch.cat([r[step]["mask"] for r in ranks]))
         assert len(set((~batch["mask"]).sum(1).tolist())) == 1
+        assert torch.equal(batch["decoder_mask"],
+                           torch.cat([r[step]["decoder_mask"] for r in ranks]))
     # each stream reads only its own shards
     shard_keys = [{key for name in ("small", "large") for key in
                    _keys_in(resolve_shards(parts[s].shards[name]["path"]).urls)} for s in (0, 1)]
