@@ -85,13 +85,15 @@ def test_weighted_mix_follows_the_weights_in_every_window():
 
 def test_two_streams_partition_every_set_and_merge_into_the_two_rank_batches(two_sets):
     """Multiblock masks too: the streams' loaders pick the same mask group for their i-th
-    batches, so the merged micro-batch keeps one visible count."""
-    cfg = DataConfig(shards=mixture(two_sets, small=1.0, large=2.0), num_workers=0,
-                     shuffle_buffer=4, seed=3, mask_type="multiblock",
-                     block_scales=((0.15, 0.15), (0.4, 0.4)), decoder_mask_type="running_cell",
-                     **{**TINY, "input_size": 64})
+    batches (taken from their workers in turn), so a merged micro-batch keeps one visible
+    count."""
+    cfg = DataConfig(shards=mixture(two_sets, small=1.0, large=2.0), num_workers=2,
+                     shuffle_buffer=4, seed=3, mask_type="multiblock", block_counts=(1, 3),
+                     block_scales=((0.15, 0.15), (0.3, 0.3)), decoder_mask_type="running_cell",
+                     **{**TINY, "input_size": 64})  # groups of 28 and 8 visible tokens
     parts = [rank_data_config(cfg, stream, 2) for stream in (0, 1)]
     assert parts[0].epoch_samples == parts[1].epoch_samples == 16  # both sets together
+    cfg = replace(cfg, epoch_samples=48)  # 6 batches per stream
     for name in ("small", "large"):
         urls = [set(resolve_shards(p.shards[name]["path"]).urls) for p in parts]
         assert not urls[0] & urls[1]
@@ -101,10 +103,11 @@ def test_two_streams_partition_every_set_and_merge_into_the_two_rank_batches(two
     def first_batches(rank: int, world_size: int) -> list[dict]:
         stream = video_stream(cfg, seed=0, rank=rank, world_size=world_size,
                               grad_accum_steps=1, streams=2)
-        return list(stream.segment(DataPosition(0, 0)))[:2]
+        return list(stream.segment(DataPosition(0, 0)))[:6]
 
     ranks = [first_batches(rank, 2) for rank in (0, 1)]
     merged = first_batches(0, 1)  # one rank reading both streams
+    assert {int((~b["mask"][0]).sum()) for b in merged} == {28, 8}  # both groups used
     for step, batch in enumerate(merged):
         assert batch["key"] == ranks[0][step]["key"] + ranks[1][step]["key"]
         assert torch.equal(batch["mask"], torch.cat([r[step]["mask"] for r in ranks]))
