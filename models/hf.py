@@ -1,27 +1,32 @@
 """HF transformers VideoMAE interop: key renaming both ways, ``config.json`` both ways, and an
-exporter loadable by ``VideoMAEForPreTraining`` / ``VideoMAEForVideoClassification`` /
-``VideoMAEModel``.
+exporter (``export_hf``) whose folder ``VideoMAEForPreTraining`` /
+``VideoMAEForVideoClassification`` / ``VideoMAEModel`` load and the video-classification
+pipeline runs (its processor configs: ``models.hf_processor``, which also states what they
+reproduce of this project's evaluation).
 
 HF splits the attention input projection into ``query`` / ``key`` / ``value`` (ours is one
-``qkv``) and names the q/v biases ``query.bias`` / ``value.bias`` (newer releases) or
-``q_bias`` / ``v_bias`` (older ones); both are read, either is written.
+``qkv``) and names the q/v biases ``query.bias`` / ``value.bias`` (transformers 5) or
+``q_bias`` / ``v_bias`` (transformers 4 and the files it wrote); both are read, either is
+written. transformers 5 renames ``q_bias`` / ``v_bias`` to ``query.bias`` / ``value.bias``
+when it loads a file (its ``conversion_mapping``), so both namings load there.
 """
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from runtime.constants import IMAGENET_MEAN, IMAGENET_STD
+from runtime.errors import InputError
 from runtime.io import atomic_save_safetensors, atomic_write_text
 
 from .checkpoint import StateDict
-from runtime.constants import IMAGENET_MEAN, IMAGENET_STD
-
 from .config import ModelConfig
+from .hf_processor import processor_configs
 from .videomae import VideoMAEPretrain
 
 # HF layer-internal names -> ours; order matters ("attention.output.dense" before "output.dense").
@@ -134,14 +139,14 @@ def project_to_hf(state: StateDict, kind: str, bias_naming: str = "new") -> Stat
     return out
 
 
-def hf_config(cfg: ModelConfig, kind: str) -> dict:
-    """``config.json`` for HF ``VideoMAEForPreTraining`` / ``ForVideoClassification`` /
-    ``Model``."""
+def hf_unsupported(cfg: ModelConfig, kind: str) -> list[str]:
+    """What of ``cfg`` HF transformers' VideoMAE cannot express, each with the way out."""
     unsupported = []
     if cfg.attention != "joint":
         unsupported.append(f"attention={cfg.attention!r} (HF has joint only)")
     if cfg.pos_embed != "sincos_1d" or cfg.pos_embed_grid:
-        unsupported.append("a position table other than the fixed sincos_1d of this grid")
+        unsupported.append(f"pos_embed={cfg.pos_embed!r} (HF computes the fixed 1-D sinusoid "
+                           "table of its grid itself: train with model.pos_embed=sincos_1d)")
     if cfg.layer_scale_init:
         unsupported.append("layer scale")
     if kind == "pretrain" and cfg.norm_target == "patch":
@@ -152,8 +157,31 @@ def hf_config(cfg: ModelConfig, kind: str) -> dict:
         unsupported.append("pixel_mean/pixel_std other than ImageNet's (HF hard-codes them)")
     if kind == "encoder" and cfg.num_classes and not cfg.uses_fc_norm:
         unsupported.append("a classifier without fc_norm (HF would pool the first token)")
+    return unsupported
+
+
+def label_maps(num_classes: int, class_names: Sequence[str] | None = None) -> dict:
+    """``id2label`` / ``label2id`` of an HF classifier config: ``class_names`` (one per class,
+    unique) or ``LABEL_i``."""
+    names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise InputError(f"{len(names)} class names for a classifier of {num_classes} classes: "
+                         "give one name per class, in class-index order")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"class names must be unique (HF's label2id maps each name to one "
+                         f"index); repeated: {repeated}")
+    return {"id2label": {str(i): name for i, name in enumerate(names)},
+            "label2id": {name: i for i, name in enumerate(names)}}
+
+
+def hf_config(cfg: ModelConfig, kind: str, class_names: Sequence[str] | None = None) -> dict:
+    """``config.json`` for HF ``VideoMAEForPreTraining`` / ``ForVideoClassification`` /
+    ``Model``; a classifier's labels are ``class_names`` (else ``LABEL_i``). Raises
+    ``InputError`` naming everything HF cannot express."""
+    unsupported = hf_unsupported(cfg, kind)
     if unsupported:
-        raise ValueError("cannot export to HF transformers VideoMAE: " + "; ".join(unsupported))
+        raise InputError("cannot export to HF transformers VideoMAE: " + "; ".join(unsupported))
     enc, dec = cfg.encoder_dims(), cfg.decoder_dims()
     if kind == "pretrain":
         arch = "VideoMAEForPreTraining"
@@ -173,9 +201,10 @@ def hf_config(cfg: ModelConfig, kind: str) -> dict:
         "decoder_intermediate_size": int(dec.embed_dim * dec.mlp_ratio),
         "norm_pix_loss": cfg.norm_target == "patch_channel",
     }
-    if cfg.num_classes:
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_classes)}
+    if kind == "encoder" and cfg.num_classes:
+        out.update(label_maps(cfg.num_classes, class_names))
+    elif class_names:
+        raise InputError("class names given for a model without a classification head")
     return out
 
 
@@ -203,13 +232,23 @@ def config_from_hf(hf: Mapping) -> dict:
     return out
 
 
-def export_hf(model: nn.Module, out_dir: str | Path, bias_naming: str = "new") -> Path:
-    """Write ``config.json`` + ``model.safetensors`` loadable by HF transformers'
-    ``VideoMAEForPreTraining`` / ``VideoMAEForVideoClassification`` / ``VideoMAEModel``."""
+def export_hf(model: nn.Module, out_dir: str | Path, bias_naming: str = "new",
+              class_names: Sequence[str] | None = None, mean: Sequence[float] | None = None,
+              std: Sequence[float] | None = None) -> Path:
+    """Write ``model`` (a ``VideoViT`` or ``VideoMAEPretrain``) into ``out_dir``:
+    ``config.json``, ``model.safetensors`` and the processor configs. ``class_names`` name a
+    classifier's classes in index order (else ``LABEL_i``); ``mean`` / ``std`` are the
+    processor's normalisation in 0-1 pixel units (default the model's ``pixel_mean`` /
+    ``pixel_std``). Raises ``InputError`` naming what HF cannot express."""
     kind = "pretrain" if isinstance(model, VideoMAEPretrain) else "encoder"
-    config = hf_config(model.cfg, kind)
+    cfg: ModelConfig = model.cfg
+    config = hf_config(cfg, kind, class_names)
     state = project_to_hf(model.state_dict(), kind, bias_naming)
+    processors = processor_configs(cfg, cfg.pixel_mean if mean is None else mean,
+                                   cfg.pixel_std if std is None else std)
     out_dir = Path(out_dir)
     atomic_save_safetensors(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    for name, content in processors.items():
+        atomic_write_text(out_dir / name, json.dumps(content, indent=2) + "\n")
     atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     return out_dir
