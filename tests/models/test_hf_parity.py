@@ -7,6 +7,11 @@ its target, as this project's default ``pixel_mean`` / ``pixel_std``.
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification,
@@ -14,9 +19,13 @@ from transformers import (VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVid
 
 from models import (ModelConfig, VideoMAEPretrain, VideoViT, load_encoder_weights,
                     load_pretrain_weights)
+from models.checkpoint import read_state_dict, save_project_checkpoint
+from models.convert import main as convert_main
 from models.hf import config_from_hf, export_hf, hf_to_project, project_to_hf
+from runtime.errors import USER_ERROR_EXIT_CODE, InputError
 
 ATOL = 1e-5
+REPO = Path(__file__).resolve().parents[2]
 
 
 def hf_config(**overrides) -> VideoMAEConfig:
@@ -141,3 +150,77 @@ def test_export_rejects_what_hf_cannot_express(tmp_path):
     model = VideoViT(ModelConfig(size="micro", img_size=32, num_frames=4, attention="divided"))
     with pytest.raises(ValueError, match="attention='divided' \\(HF has joint only\\)"):
         export_hf(model, tmp_path / "hf")
+
+
+def test_old_bias_naming_loads_in_this_transformers(inputs, tmp_path):
+    """transformers 5 dropped the ``q_bias`` / ``v_bias`` parameters; it renames them when
+    loading (transformers#48675), so a folder written with the old naming still loads
+    exactly."""
+    x, _ = inputs
+    cfg = ModelConfig(size="micro", img_size=32, num_frames=4, num_classes=5)
+    ours = randomise(VideoViT(cfg))
+    export_hf(ours, tmp_path / "hf", bias_naming="old")
+    assert any(k.endswith("q_bias") for k in read_state_dict(tmp_path / "hf"))
+    hf = VideoMAEForVideoClassification.from_pretrained(tmp_path / "hf",
+                                                        attn_implementation="eager").eval()
+    for module in hf.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 1e-6
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(hf_input(x)).logits, atol=ATOL, rtol=0)
+
+
+def test_pretraining_run_checkpoint_exports_as_videomae_for_pretraining(tmp_path):
+    """A pretraining run's DeepSpeed checkpoint folder (``mp_rank_00_model_states.pt`` with
+    ``encoder.safetensors`` beside it, whose metadata gives the config) converts without
+    ``--set``; HF's forward with the same tube mask gives our prediction and loss."""
+    cfg = ModelConfig(size="micro", img_size=32, num_frames=4, decoder_depth=1,
+                      num_heads=4, decoder_num_heads=2)
+    ours = randomise(VideoMAEPretrain(cfg))
+    step = tmp_path / "checkpoints" / "step_10"
+    step.mkdir(parents=True)
+    torch.save({"module": ours.state_dict()}, step / "mp_rank_00_model_states.pt")
+    save_project_checkpoint(ours.encoder, step / "encoder.safetensors")
+    assert convert_main([str(step), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = VideoMAEForPreTraining.from_pretrained(tmp_path / "hf",
+                                                attn_implementation="eager").eval()
+    for module in hf.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 1e-6
+    x = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(2, 2, 2, 2, dtype=torch.bool)  # (B, T', H', W'): a tube per sample
+    mask[0, :, 0, 1] = mask[0, :, 1, 0] = mask[1, :, 1, 1] = mask[1, :, 0, 0] = True
+    mask = mask.flatten(1)
+    with torch.no_grad():
+        loss, pred, _ = ours(x, mask)
+        out = hf(hf_input(x), bool_masked_pos=mask)
+    torch.testing.assert_close(pred, out.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(loss, out.loss, atol=ATOL, rtol=0)
+
+
+def test_class_names_become_hf_labels(tmp_path):
+    model = VideoViT(ModelConfig(size="micro", img_size=32, num_frames=4, num_classes=3))
+    src = save_project_checkpoint(model, tmp_path / "model.safetensors")
+    names = tmp_path / "classes.txt"
+    names.write_text("walk\nrun\njump\n")
+    assert convert_main([str(src), str(tmp_path / "hf"), "--to", "hf",
+                         "--class-names", str(names)]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["id2label"] == {"0": "walk", "1": "run", "2": "jump"}
+    assert config["label2id"] == {"walk": 0, "run": 1, "jump": 2}
+    with pytest.raises(InputError, match="2 class names for a classifier of 3 classes"):
+        export_hf(model, tmp_path / "hf2", class_names=["a", "b"])
+    with pytest.raises(InputError, match=r"must be unique .* repeated: \['a'\]"):
+        export_hf(model, tmp_path / "hf2", class_names=["a", "b", "a"])
+
+
+def test_cli_refusal_is_one_line(tmp_path):
+    model = VideoViT(ModelConfig(size="micro", img_size=32, num_frames=4, attention="divided"))
+    src = save_project_checkpoint(model, tmp_path / "divided.safetensors")
+    result = subprocess.run([sys.executable, "-m", "models.convert", str(src),
+                             str(tmp_path / "hf"), "--to", "hf"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == USER_ERROR_EXIT_CODE and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and "attention='divided' (HF has joint only)" in errors[0]
+    assert not (tmp_path / "hf").exists()
