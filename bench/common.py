@@ -199,16 +199,47 @@ def tube_masks(batch: int, grid: tuple[int, int, int], ratio: float, seed: int =
     return torch.stack([generator(rng) for _ in range(batch)])
 
 
+def matmul_throughput(device: torch.device, sizes: Sequence[int] = (8192,),
+                      dtype: torch.dtype = torch.bfloat16, warmup: int = 3,
+                      repeats: int = 10) -> list[dict[str, float]]:
+    """Dense ``size x size`` matmul throughput (TFLOP/s, median and best of ``repeats``) per
+    size, on random data (zeros run faster on some GPUs), the sizes alternated as in
+    :func:`benchmark`. Each timed call runs ``products`` matmuls (more for small sizes), so
+    the device synchronisation around it stays a small part of the time."""
+    cases, products = {}, {}
+    for size in sizes:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        products[size] = count = max(1, min(64, (16384 // size) ** 3))
+        cases[size] = lambda a=a, b=b, count=count: [a @ b for _ in range(count)]
+    timings = benchmark(cases, device, warmup, repeats)
+    rows = []
+    for size, timing in timings.items():
+        flops = 2 * size ** 3 * products[size]
+        rows.append({"size": size, "products_per_call": products[size],
+                     "ms_per_product": timing.median / products[size] * 1e3,
+                     "tflops": flops / timing.median / 1e12,
+                     "tflops_best": flops / timing.best / 1e12,
+                     "iqr_over_median": round(timing.spread, 3)})
+    return rows
+
+
 def peak_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = 8192,
                        repeats: int = 10) -> float:
     """Best dense ``size x size`` matmul throughput (TFLOP/s) on ``device``: the ceiling that
     model FLOPs utilisation is measured against."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = min(time_call(lambda: a @ b, device)[0] for _ in range(repeats))
-    return 2 * size ** 3 / best / 1e12
+    return matmul_throughput(device, [size], dtype, repeats=repeats)[0]["tflops_best"]
+
+
+def copy_bandwidth(device: torch.device, mib: int = 2048, warmup: int = 3,
+                   repeats: int = 10) -> dict[str, float]:
+    """Device-to-device copy of ``mib`` MiB: GB/s counting bytes read plus bytes written
+    (the memory-bound ceiling), median and best of ``repeats``."""
+    src = torch.randn(mib * 2 ** 20 // 4, device=device)
+    dst = torch.empty_like(src)
+    timing = benchmark({"copy": lambda: dst.copy_(src)}, device, warmup, repeats)["copy"]
+    moved = 2 * src.numel() * src.element_size()
+    return {"mib": mib, "gb_s": moved / timing.median / 1e9, "gb_s_best": moved / timing.best / 1e9}
 
 
 # -- command line and output -----------------------------------------------------------------

@@ -57,6 +57,11 @@ def to_hf(ours: torch.nn.Module, hf_class: type, kind: str, attn: str) -> torch.
     return hf
 
 
+def compiled(model: torch.nn.Module, args) -> torch.nn.Module:
+    """``torch.compile`` with ``--compile-backend`` (inductor unless told otherwise)."""
+    return torch.compile(model, backend=args.compile_backend)
+
+
 def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -75,9 +80,7 @@ def pretrain_pair(cfg: ModelConfig, args, device: torch.device) -> tuple[dict, d
         out = hf(video_hf, bool_masked_pos=mask_hf)
     check = {"loss_ours": loss.item(), "loss_hf": out.loss.item(),
              "pred_max_abs_diff": max_difference(pred, out.logits)}
-    run_ours, run_hf = ours, hf
-    if args.compile:
-        run_ours, run_hf = torch.compile(ours), torch.compile(hf)
+    run_ours, run_hf = (compiled(ours, args), compiled(hf, args)) if args.compile else (ours, hf)
     steps = {
         "ours": train_step(run_ours, make_adamw(ours, device), lambda m: m(video, mask)[0], device,
                            args.dtype),
@@ -93,7 +96,7 @@ def inference_pair(cfg: ModelConfig, args, device: torch.device) -> tuple[dict, 
     video = torch.randn(args.batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size,
                         device=device)
     video_hf = video.transpose(1, 2).contiguous()
-    run_ours, run_hf = (torch.compile(ours), torch.compile(hf)) if args.compile else (ours, hf)
+    run_ours, run_hf = (compiled(ours, args), compiled(hf, args)) if args.compile else (ours, hf)
 
     def forward(model, x):
         def call():
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hf-attn", default="sdpa",
                         help="HF attn_implementation (sdpa is its fastest built-in)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (eager / aot_eager only trace: smoke tests)")
     args = parser.parse_args(argv)
     device = setup(args)
     if args.quick:
