@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,8 +270,15 @@ def loader(sizes: Sizes, work: Path, save: Save) -> dict:
     from bench.gpu_videos import synthetic_shards
     from data_tools.decode import resolve_backend
 
+    decord_problem = None
+    if importlib.util.find_spec("decord") is not None:
+        try:
+            import decord  # noqa: F401 - a wheel whose native library does not load here
+        except (ImportError, OSError) as error:
+            decord_problem = f"decord does not load ({error}); PyAV decodes instead"
+            sys.modules["decord"] = None  # backend "auto" then picks PyAV, in the workers too
     shards, videos = synthetic_shards(work / "synthetic", sizes.loader)
-    save({"backend": resolve_backend("auto"), "videos": videos})
+    save({"backend": resolve_backend("auto"), "videos": videos, "note": decord_problem})
     runs: list[dict] = []
     for repeat in sizes.loader.repeats:
         argv = script_argv(sizes, work / f"e2e_repeat{repeat}.json") + [

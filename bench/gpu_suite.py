@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
               "dry_run": args.dry_run, "budget_s": budget, "sizes": asdict(sizes),
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "nvidia_smi_before": nvidia_smi(), "parts": {}}
+    log(f"{'dry run, ' if args.dry_run else ''}budget {budget:.0f} s, writing to {args.out}; "
+        f"nvidia-smi: {result['nvidia_smi_before']}")
     work = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
     try:
         for name in [n for n in PARTS if n in args.parts]:

@@ -193,7 +193,7 @@ def loader_body(part: dict) -> str:
         texts.append(f"{videos['count']} synthetic videos {videos['size']}, {videos['frames']} "
                      f"frames at {videos['fps']} fps, GOP {videos['gop']}, "
                      f"{videos['mean_mbit_s']} Mbit/s, in {videos['shards']} shards; decoder "
-                     f"{part.get('backend')}.")
+                     f"{part.get('backend')}." + (f" {part['note']}." if part.get("note") else ""))
     for run in part.get("runs", []):
         rows = [{"setting": r["setting"], "workers": r["workers"], "clips/s": r["clips_s"],
                  "step ms": r.get("step_ms"), "data wait": pct(r.get("data_wait")),
