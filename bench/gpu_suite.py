@@ -29,6 +29,8 @@ part's matmul TFLOP/s), which are also printed last.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
@@ -62,6 +64,16 @@ BUDGETS = {"peak": 60, "pretrain_step": 120, "decoder_mask": 90, "attention": 15
 DRY_RUN_BUDGET_S = 60  # per part on the CPU
 MIN_START_S = 20  # a part is not started with less time than this left
 END_RESERVE_S = 10  # kept for writing the tables
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+RUNNING: list[multiprocessing.process.BaseProcess] = []  # the part now running, if any
+
+
+def stop_running_part(signum: int, _frame) -> None:
+    """The suite is being stopped: stop the running part's process group too, then exit."""
+    for process in list(RUNNING):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    raise SystemExit(128 + signum)
 
 
 def log(message: str) -> None:
@@ -74,7 +86,9 @@ def write_json(path: Path, value: dict) -> None:
 
 def _child(target: Callable[[Save], dict], result_path: Path) -> None:
     """Run one part in this (new) process; every outcome is written to ``result_path``."""
-    os.setsid()  # its own process group: a timeout stops its loader workers and compilers too
+    os.setpgid(0, 0)  # its own process group: a timeout stops its loader workers and compilers
+    die_with_parent()
+    signal.signal(signal.SIGTERM, raise_stopped)  # record where a timeout found the part
     record: dict = {"status": "running"}
 
     def save(partial_result: dict) -> None:
@@ -95,6 +109,23 @@ def _child(target: Callable[[Save], dict], result_path: Path) -> None:
     os._exit(0)  # no exit handlers: they could wait on helper processes the part left behind
 
 
+class Stopped(BaseException):
+    """The suite stopped this part (its budget ran out)."""
+
+
+def raise_stopped(signum: int, _frame) -> None:
+    raise Stopped(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the suite dies (killed at the device call's
+    limit, say), so no part keeps the GPU busy after it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the suite's signal handler still stops it
+        pass
+
+
 def exit_description(code: int | None) -> str:
     if code is not None and code < 0:
         return f"signal {signal.Signals(-code).name}"
@@ -107,7 +138,7 @@ def stop_group(process: multiprocessing.process.BaseProcess) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
-        except ProcessLookupError:  # the group is gone (or setsid was not reached yet)
+        except ProcessLookupError:  # the group is gone (or setpgid was not reached yet)
             if process.is_alive():
                 process.kill()
         process.join(5)
@@ -123,9 +154,11 @@ def run_part(target: Callable[[Save], dict], timeout: float, result_path: Path,
                                                           args=(target, result_path))
     start = time.perf_counter()
     process.start()
+    RUNNING.append(process)
     process.join(timeout)
     timed_out = process.is_alive()
     stop_group(process)
+    RUNNING.remove(process)
     try:
         record = json.loads(result_path.read_text())
     except (OSError, ValueError):
@@ -170,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the parts to run (default: all, in the order listed)")
     args = parser.parse_args(argv)
     sizes = DRY_RUN if args.dry_run else GPU
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop_running_part)
     budget = args.budget or (300.0 if args.dry_run else 420.0)
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "gpu_suite.json"

@@ -159,6 +159,7 @@ def test_run_part_stops_a_part_at_its_budget_and_keeps_its_figures(bench, tmp_pa
     record = bench("gpu_suite").run_part(_hangs_with_a_helper, 3, tmp_path / "part.json")
     assert record["status"] == "timed_out" and "3 s budget" in record["reason"]
     assert record["rows"] == [1, 2]
+    assert "time.sleep(60)" in record["traceback"]  # where the part was when it was stopped
     deadline = time.monotonic() + 10
     while not process_gone(record["helper"]) and time.monotonic() < deadline:
         time.sleep(0.1)
