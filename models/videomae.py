@@ -117,6 +117,7 @@ class VideoMAEPretrain(nn.Module):
                              f"got {counts.tolist()}")
         return reconstruct.nonzero()[:, 1].reshape(mask.shape[0], -1)
 
+    @torch.compiler.disable  # data-dependent index building stays eager under torch.compile
     def _token_indices(self, mask: torch.Tensor, decoder_mask: torch.Tensor | None,
                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Visible ``(B, Nv)`` and reconstructed ``(B, Nd)`` token indices on ``device``, built

@@ -99,6 +99,7 @@ class VideoViT(nn.Module):
                              f"{', '.join(map(str, expected))}) for this model config, got "
                              f"{tuple(video.shape)}")
 
+    @torch.compiler.disable  # host-side checks and nonzero: one graph break, not several
     def visible_index(self, mask: torch.Tensor) -> torch.Tensor:
         """Boolean mask ``(B, N)`` (True = hidden) -> indices of visible tokens ``(B, N_visible)``
         in (t, h, w) order. Every sample must keep the same number of tokens; factorised

@@ -159,3 +159,20 @@ def test_pretrain_model_layout_and_no_weight_decay(tiny_cfg):
                                        "encoder.pos_embed.temporal", "decoder_pos_embed.spatial",
                                        "decoder_pos_embed.temporal"}
     assert model.decoder.head.out_features == 2 * 16 * 16 * 3
+
+
+def test_compiled_pretraining_step_has_one_graph_break_and_eager_numbers(tiny_cfg, clip, tube_mask):
+    """The data-dependent index building (mask checks, nonzero) runs eagerly outside the
+    compiled graph: one graph break for the whole forward instead of one per check."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = tiny_cfg()
+    video, mask = clip(cfg), tube_mask(cfg)
+    torch.manual_seed(0)
+    model = VideoMAEPretrain(cfg)
+    loss_eager = model(video, mask)[0]
+    loss_compiled = torch.compile(model, backend="eager")(video, mask)[0]
+    assert sum(counters["graph_break"].values()) == 1
+    torch.testing.assert_close(loss_compiled, loss_eager)
