@@ -186,24 +186,60 @@ class FinetuneConfig:
 
 @dataclass
 class ProbeHeadConfig:
-    kind: Literal["linear", "attentive"] = field(default="linear", metadata=help_text(
+    kind: Literal["linear", "attentive", "knn"] = field(default="linear", metadata=help_text(
         "linear: BatchNorm (no affine) + Linear on mean-pooled tokens (MAE); attentive: "
-        "cross-attention pooling with one learned query + Linear on all tokens (V-JEPA)"))
-    epochs: int = field(default=90, metadata=help_text("passes over the cached training features"))
-    batch_size: int = field(default=256, metadata=help_text("features per step"))
-    lr: float = field(default=1e-3, metadata=help_text("peak AdamW learning rate"))
+        "probe.blocks attention blocks ending in cross-attention with one learned query, "
+        "then Linear, on all tokens (V-JEPA / V-JEPA 2); knn: weighted k-nearest-neighbour "
+        "vote on L2-normalised mean-pooled tokens, no training (DINO)"))
+    blocks: int = field(default=4, metadata=help_text(
+        "attentive probe depth: blocks - 1 self-attention blocks over the frozen tokens, "
+        "then the cross-attention pooling block (V-JEPA 2: 4; 1 = V-JEPA's single "
+        "cross-attention layer)"))
+    heads: int = field(default=0, metadata=help_text(
+        "attention heads of the attentive probe (0 = the encoder's; must divide its width)"))
+    features: Literal["cached", "online"] = field(default="cached", metadata=help_text(
+        "cached: embed every video once and train on the stored features (small sets); "
+        "online: the frozen encoder runs in the loop every epoch on every rank, nothing "
+        "stored (sets too large to cache)"))
+    epochs: int = field(default=90, metadata=help_text("passes over the training videos"))
+    batch_size: int = field(default=256, metadata=help_text(
+        "videos per step, over all ranks (online: divided among them)"))
+    lrs: list[float] = field(default_factory=lambda: [1e-3], metadata=help_text(
+        "peak AdamW learning rates; one probe is trained per (lr, weight decay) pair, "
+        "all on the same batches (V-JEPA 2: 5 lrs x 4 weight decays)"))
+    weight_decays: list[float] = field(default_factory=lambda: [0.0], metadata=help_text(
+        "AdamW weight decays on weight matrices, crossed with lrs (MAE linear probe: 0; "
+        "V-JEPA: 0.01)"))
     min_lr: float = field(default=0.0, metadata=help_text("cosine floor"))
     warmup_epochs: float = field(default=5.0, metadata=help_text("linear warm-up epochs"))
-    weight_decay: float = field(default=0.0, metadata=help_text(
-        "AdamW weight decay on weight matrices (MAE linear probe: 0; V-JEPA: 0.01)"))
-    num_heads: int = field(default=0, metadata=help_text(
-        "attentive probe heads (0 = the encoder's)"))
+    knn_k: int = field(default=20, metadata=help_text("kind=knn: neighbours that vote (DINO: 20)"))
+    knn_temperature: float = field(default=0.07, metadata=help_text(
+        "kind=knn: a neighbour's vote is exp(cosine similarity / T) (DINO: 0.07)"))
+
+    @property
+    def grid(self) -> list[tuple[float, float]]:
+        """The (lr, weight decay) pair of every probe head, lr-major."""
+        return [(lr, wd) for lr in self.lrs for wd in self.weight_decays]
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be >= 1, lr > 0")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not self.lrs or min(self.lrs) <= 0:
+            raise ValueError(f"lrs must be a non-empty list of values > 0, got {self.lrs}")
+        if not self.weight_decays or min(self.weight_decays) < 0:
+            raise ValueError("weight_decays must be a non-empty list of values >= 0, "
+                             f"got {self.weight_decays}")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        if self.blocks < 1 or self.heads < 0:
+            raise ValueError(f"blocks must be >= 1 and heads >= 0, got "
+                             f"{self.blocks} and {self.heads}")
+        if self.knn_k < 1 or self.knn_temperature <= 0:
+            raise ValueError(f"knn_k must be >= 1 and knn_temperature > 0, got "
+                             f"{self.knn_k} and {self.knn_temperature}")
+        if self.kind == "knn" and self.features == "online":
+            raise ValueError("kind=knn compares against stored training features: "
+                             "use features=cached")
 
 
 @dataclass
@@ -237,6 +273,10 @@ class ProbeConfig:
             raise ValueError("val.shards must be set (the validation shard set)")
         if not self.out_dir:
             raise ValueError("out_dir must be set")
+        width = self.model.encoder_dims().embed_dim
+        if self.probe.kind == "attentive" and self.probe.heads and width % self.probe.heads:
+            raise ValueError(f"probe.heads={self.probe.heads} does not divide the encoder "
+                             f"width {width}")
 
 
 # ---------------------------------------------------------------------------------------

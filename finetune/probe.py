@@ -1,18 +1,23 @@
-"""Linear and attentive probes on frozen encoder features.
+"""Linear, attentive and kNN probes on frozen encoder features.
 
 ``python -m finetune.probe --config configs/finetune/probe_demo.yaml [overrides]``
 
-1. The frozen encoder (pretrained weights, or random init when ``weights`` is empty - the
-   baseline) embeds every training video once (``eval`` view) and every validation video
-   (one view per clip x crop with ``eval_views``); features are cached as safetensors files
-   under ``cache_dir`` and reused while the encoder, weights and data settings are unchanged.
-2. A probe is trained on the cached training features with plain torch:
-   - ``linear``: mean-pooled tokens -> ``BatchNorm1d(affine=False, eps=1e-6)`` -> ``Linear``
-     (weights N(0, .01)), as MAE's linear probe;
-   - ``attentive``: all tokens -> one cross-attention layer with one learned query
-     (``timm.layers.AttentionPoolLatent``) -> ``LayerNorm`` -> ``Linear``, as V-JEPA's probe.
-3. Validation scores are averaged per video and reported like fine-tuning (top-1, top-5,
-   mean per-class accuracy, confusion matrix PNG, predictions CSV).
+1. Features of the frozen encoder (pretrained weights, or random init when ``weights`` is
+   empty - the baseline): training videos give one centred clip each (``eval`` view),
+   validation videos one view per clip x crop with ``val.test_views``.
+   - ``probe.features=cached``: every video is embedded once and the features are cached
+     as safetensors files under ``cache_dir``, reused while the encoder, weights and data
+     settings are unchanged; the probes are trained on rank 0.
+   - ``probe.features=online``: the encoder runs in the loop every epoch; each rank encodes
+     its share of every batch and the probes' gradients are summed over ranks
+     (``finetune.probe_train``); nothing is stored.
+2. One probe head per (lr, weight decay) of ``probe.lrs x probe.weight_decays``, all from
+   the same initial weights, trained together on the same batches (``finetune.probe_heads``):
+   ``linear`` (MAE), ``attentive`` with ``probe.blocks`` blocks (V-JEPA 2: 4), or no training
+   with ``knn`` (``finetune.knn``, DINO's weighted vote).
+3. Validation scores are averaged per video over its views and reported like fine-tuning
+   (top-1, top-5, mean per-class accuracy) for every head, the best head (which also writes
+   the predictions CSV and confusion matrix PNG) and the mean over heads.
 """
 from __future__ import annotations
 
@@ -25,60 +30,28 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from timm.layers import AttentionPoolLatent, trunc_normal_
 from torch import nn
 
+from data_tools.loader import build_loader
 from data_tools.shard_set import resolve_shards
-from finetune.config import ProbeConfig, ProbeHeadConfig
+from finetune.common import autocast_for, build_model, default_device, resolve_weights
+from finetune.config import ProbeConfig, eval_data_config
 from finetune.evaluate import evaluate_logits
-from finetune.common import build_model, default_device, resolve_weights
-from finetune.extract import FeatureSet, cached_feature_set, extract_split
+from finetune.extract import FeatureSet, cached_feature_set, extract_split, pool_tokens
+from finetune.knn import knn_logits
+from finetune.probe_heads import AttentiveProbe, LinearProbe, ProbeGrid, build_probe
+from finetune.probe_train import (Batch, GridTrainer, cached_epochs, evaluate_heads,
+                                  feature_batches, grid_logits, steps_per_epoch, train_grid)
 from runtime.config import parse_config, save_resolved_config, to_dict
-from runtime.dist import broadcast_from_main, get_rank, init_distributed
-from runtime.errors import run_command
+from runtime.dist import broadcast_from_main, get_rank, get_world_size, init_distributed
+from runtime.errors import InputError, run_command
 from runtime.io import atomic_write_text
-from runtime.logging import RunLogger, setup_logging
-from runtime.optim import WarmupCosine, param_groups, set_lr
+from runtime.logging import RunLogger, progress, setup_logging
 from runtime.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
-
-class LinearProbe(nn.Module):
-    """features ``(B, D)`` -> logits ``(B, K)``: BatchNorm without affine, then Linear (MAE)."""
-
-    def __init__(self, dim: int, num_classes: int):
-        super().__init__()
-        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.head = nn.Linear(dim, num_classes)
-        trunc_normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(features))
-
-
-class AttentiveProbe(nn.Module):
-    """tokens ``(B, N, D)`` -> logits ``(B, K)``: cross-attention pooling with one learned
-    query (+ MLP), LayerNorm, Linear (V-JEPA's attentive probe)."""
-
-    def __init__(self, dim: int, num_classes: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.pool = AttentionPoolLatent(dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                                        norm_layer=nn.LayerNorm)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.head = nn.Linear(dim, num_classes)
-        trunc_normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.pool(tokens)))
-
-
-def build_probe(kind: str, dim: int, num_classes: int, num_heads: int) -> nn.Module:
-    if kind == "linear":
-        return LinearProbe(dim, num_classes)
-    return AttentiveProbe(dim, num_classes, num_heads)
+__all__ = ["AttentiveProbe", "LinearProbe", "ProbeGrid", "build_probe", "run", "main"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,71 +95,81 @@ def cached_features(encoder: nn.Module, cfg: ProbeConfig, split: str, shards: st
     return cached_feature_set(path, cache_fingerprint(cfg, shards, mode, pool), extract)
 
 
+
 # ---------------------------------------------------------------------------------------
-# Probe training on cached features
+# The frozen encoder in the loop
 
 
-def _batches(features: FeatureSet,
-             batch_size: int) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
-    for start in range(0, len(features), batch_size):
-        end = start + batch_size
-        yield features.keys[start:end], features.labels[start:end], features.features[start:end]
+def encoded_batches(encoder: nn.Module, loader, pool: str, precision: str,
+                    device: torch.device, desc: str) -> Iterator[Batch]:
+    """``(keys, labels (B,), features)`` of this rank's loader batches: ``(B, D)`` mean-pooled
+    or ``(B, N, D)`` tokens in float32, computed without gradients."""
+    autocast = autocast_for(precision, device)
+    for batch in progress(loader, desc=desc):
+        with torch.no_grad(), autocast():
+            tokens = encoder.forward_features(batch["video"].to(device, non_blocking=True))
+        yield list(batch["key"]), batch["label"].long(), pool_tokens(tokens.float(), pool)
 
 
-def train_probe(head: nn.Module, train: FeatureSet, cfg: ProbeHeadConfig, device: torch.device,
-                seed: int, run_log: RunLogger | None = None) -> nn.Module:
-    """AdamW (0.9, 0.999) with warm-up + cosine on the labelled rows of ``train``."""
-    labelled = train.labels >= 0
-    inputs, labels = train.features[labelled], train.labels[labelled]
-    if len(labels) < 2:
-        raise ValueError(f"the probe needs at least 2 labelled training videos, got {len(labels)}")
-    steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
-    schedule = WarmupCosine(cfg.lr, cfg.min_lr, round(cfg.warmup_epochs * steps_per_epoch),
-                            cfg.epochs * steps_per_epoch)
-    head = head.to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(0.9, 0.999))
-    criterion = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(seed)
-    step = 0
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        total, count = 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
-            index = order[start:start + cfg.batch_size]
-            if len(index) < 2:  # batch norm needs two samples
-                continue
-            set_lr(optimizer, schedule.lr_at(step))
-            logits = head(inputs[index].to(device, torch.float32))
-            loss = criterion(logits, labels[index].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            total, count = total + loss.item() * len(index), count + len(index)
-        if run_log is not None:
-            run_log.log(step, tag="probe", epoch=epoch, loss=total / max(count, 1),
-                        lr=schedule.lr_at(step))
-    return head.eval()
+def _online_loader(cfg: ProbeConfig, shards: str, mode: str, batch_size: int,
+                   num_workers: int = -1):
+    """This rank's read-once loader of ``shards`` (every video once over all ranks)."""
+    world = get_world_size()
+    data = eval_data_config(cfg.data, shards, world, batch_size, num_workers)
+    return build_loader(data, mode, get_rank(), world)
 
 
-def probe_logits(head: nn.Module, features: FeatureSet, device: torch.device,
-                 batch_size: int = 1024) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
-    """``(keys, labels, logits)`` batches of ``head`` over every row of ``features``."""
-    head.eval()
-    with torch.inference_mode():
-        for keys, labels, inputs in _batches(features, batch_size):
-            yield keys, labels, head(inputs.to(device, torch.float32)).float().cpu()
+def _train_online(encoder: nn.Module, cfg: ProbeConfig, grid: ProbeGrid, pool: str,
+                  device: torch.device, run_log: RunLogger | None) -> ProbeGrid:
+    world = get_world_size()
+    if cfg.probe.batch_size % world:
+        raise InputError(f"probe.batch_size={cfg.probe.batch_size} must be divisible by the "
+                         f"{world} ranks of the online probe (each encodes an equal share)")
+    videos = resolve_shards(cfg.data.shards).total_samples
+    if not videos:
+        raise InputError(f"data.shards={cfg.data.shards} has no manifest with sample counts: "
+                         "the online probe needs them for its lr schedule")
+    trainer = GridTrainer(grid, cfg.probe, steps_per_epoch(videos, cfg.probe.batch_size),
+                          device, across_ranks=True)
+    tokens = math.prod(cfg.data.token_grid)
+    width = cfg.model.encoder_dims().embed_dim
+    shape = (tokens, width) if pool == "tokens" else (width,)
+
+    def epoch(index: int) -> Iterator[Batch]:
+        loader = _online_loader(cfg, cfg.data.shards, "eval", cfg.probe.batch_size // world)
+        return encoded_batches(encoder, loader, pool, cfg.precision, device,
+                               desc=f"probe epoch {index}")
+
+    return train_grid(trainer, epoch, shape, run_log)
 
 
 # ---------------------------------------------------------------------------------------
 # Entry point
 
 
+def _grid(cfg: ProbeConfig, dim: int, num_classes: int) -> ProbeGrid:
+    return ProbeGrid(cfg.probe.grid, cfg.seed, kind=cfg.probe.kind, dim=dim,
+                     num_classes=num_classes,
+                     num_heads=cfg.probe.heads or cfg.model.encoder_dims().num_heads,
+                     blocks=cfg.probe.blocks)
+
+
+def _knn(train: FeatureSet, val: FeatureSet, cfg: ProbeConfig, classes: list[str],
+         out_dir: Path) -> tuple[dict, list[dict]]:
+    labelled = train.labels >= 0
+    logits = knn_logits(train.features[labelled], train.labels[labelled], val.features,
+                        len(classes), cfg.probe.knn_k, cfg.probe.knn_temperature)
+    result = evaluate_logits([(val.keys, val.labels, logits)], len(classes),
+                             out_dir=out_dir / "eval", class_names=classes, collective=False)
+    return {**result.metrics, "knn_k": cfg.probe.knn_k,
+            "knn_temperature": cfg.probe.knn_temperature}, []
+
+
 def run(cfg: ProbeConfig) -> dict:
-    """Extract (or reuse) features, train the probe on rank 0 and evaluate it; returns
-    ``top1``, ``top5``, ``mean_class_acc`` (fractions), ``num_videos``, ``num_views``,
-    ``out_dir`` on every rank."""
+    """Train and evaluate the probe grid (or the kNN classifier); returns, on every rank, the
+    best head's ``top1``, ``top5``, ``mean_class_acc`` (fractions), ``num_videos``,
+    ``num_views``, ``best_head`` / ``best_lr`` / ``best_weight_decay``, the means over heads
+    (``mean_top1``, ...), every head's metrics under ``heads``, and ``out_dir``."""
     cfg = cfg.resolve()
     env = init_distributed()
     out_dir = Path(cfg.out_dir)
@@ -198,37 +181,76 @@ def run(cfg: ProbeConfig) -> dict:
     device = default_device()
     encoder = build_model(replace(cfg.model, num_classes=0), cfg.weights, seed=cfg.seed)
     encoder = encoder.to(device).eval().requires_grad_(False)
-    pool = "mean" if cfg.probe.kind == "linear" else "tokens"
+    pool = "tokens" if cfg.probe.kind == "attentive" else "mean"
     val_mode = "test_views" if cfg.val.test_views else "eval"
-    train = cached_features(encoder, cfg, "train", cfg.data.shards, "eval", pool, device)
-    val = cached_features(encoder, cfg, "val", cfg.val.shards, val_mode, pool, device)
-    del encoder
-
+    online = cfg.probe.features == "online"
     metrics: dict = {}
+    heads: list[dict] = []
+    with RunLogger(out_dir, enabled=env.is_main) as run_log:
+        if online:
+            grid = _train_online(encoder, cfg, _grid(cfg, cfg.model.encoder_dims().embed_dim,
+                                                     len(classes)), pool, device, run_log)
+            val = _online_loader(cfg, cfg.val.shards, val_mode, cfg.val.batch_size,
+                                 cfg.val.num_workers)
+            per_head = grid_logits(grid, encoded_batches(encoder, val, pool, cfg.precision,
+                                                         device, "val"), device)
+            metrics, heads, _ = evaluate_heads(per_head, grid.grid, len(classes),
+                                               out_dir=out_dir / "eval", class_names=classes,
+                                               collective=True)
+        else:
+            train = cached_features(encoder, cfg, "train", cfg.data.shards, "eval", pool, device)
+            val = cached_features(encoder, cfg, "val", cfg.val.shards, val_mode, pool, device)
+            del encoder
+            if env.is_main and cfg.probe.kind == "knn":
+                metrics, heads = _knn(train, val, cfg, classes, out_dir)
+            elif env.is_main:
+                seed_everything(cfg.seed)
+                labelled = int((train.labels >= 0).sum())
+                if labelled < 2:
+                    raise ValueError("the probe needs at least 2 labelled training videos, "
+                                     f"got {labelled}")
+                trainer = GridTrainer(
+                    _grid(cfg, train.features.shape[-1], len(classes)), cfg.probe,
+                    steps_per_epoch(labelled, cfg.probe.batch_size), device)
+                grid = train_grid(trainer, cached_epochs(train, cfg.probe.batch_size, cfg.seed),
+                                  train.features.shape[1:], run_log)
+                per_head = grid_logits(grid, feature_batches(val, cfg.probe.batch_size), device)
+                metrics, heads, _ = evaluate_heads(per_head, grid.grid, len(classes),
+                                                   out_dir=out_dir / "eval",
+                                                   class_names=classes, collective=False)
+        if env.is_main:
+            run_log.log(cfg.probe.epochs, tag="val", **_scalars(metrics),
+                        **{f"top1_h{i}": h["top1"] for i, h in enumerate(heads)})
     if env.is_main:
-        seed_everything(cfg.seed)
-        head = build_probe(cfg.probe.kind, train.features.shape[-1], len(classes),
-                           cfg.probe.num_heads or cfg.model.encoder_dims().num_heads)
-        with RunLogger(out_dir) as run_log:
-            head = train_probe(head, train, cfg.probe, device, cfg.seed, run_log)
-            result = evaluate_logits(probe_logits(head, val, device), len(classes),
-                                     out_dir=out_dir / "eval", class_names=classes,
-                                     collective=False)
-            metrics = dict(result.metrics)
-            run_log.log(cfg.probe.epochs, tag="val", **metrics)
-        atomic_write_text(out_dir / "eval" / "metrics.json", json.dumps(
-            {"probe": cfg.probe.kind, "weights": cfg.weights or "random init", "mode": val_mode,
-             **metrics}, indent=2) + "\n")
-        log.info("%s probe (%s): %s", cfg.probe.kind, cfg.weights or "random init",
-                 {k: round(v, 4) for k, v in metrics.items()})
-    metrics = broadcast_from_main(metrics)
+        _report(cfg, metrics, heads, val_mode, out_dir)
+    metrics = broadcast_from_main({**metrics, "heads": heads} if heads else metrics)
     metrics["out_dir"] = str(out_dir)
     return metrics
 
 
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _report(cfg: ProbeConfig, metrics: dict, heads: list[dict], val_mode: str,
+            out_dir: Path) -> None:
+    atomic_write_text(out_dir / "eval" / "metrics.json", json.dumps(
+        {"probe": cfg.probe.kind, "weights": cfg.weights or "random init", "mode": val_mode,
+         "features": cfg.probe.features,
+         **({"blocks": cfg.probe.blocks} if cfg.probe.kind == "attentive" else {}),
+         **metrics, **({"heads": heads} if heads else {})}, indent=2) + "\n")
+    what = cfg.probe.kind + (f" ({cfg.probe.blocks} blocks)" if cfg.probe.kind == "attentive"
+                             else "")
+    for i, head in enumerate(heads):
+        log.info("%s probe head %d (lr %g, wd %g): top-1 %.4f top-5 %.4f", what, i,
+                 head["lr"], head["weight_decay"], head["top1"], head["top5"])
+    log.info("%s probe (%s): %s", what, cfg.weights or "random init",
+             {k: round(v, 4) for k, v in _scalars(metrics).items()})
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ProbeConfig, argv, prog="python -m finetune.probe",
-                       description="Linear or attentive probe on frozen encoder features.")
+                       description="Linear, attentive or kNN probes on frozen encoder features.")
     init_distributed()
     setup_logging()
     metrics = run(cfg)

@@ -44,7 +44,8 @@ PROBES = {  # stage name -> (kind, encoder): pretrained or random init ("")
     "attentive_pretrained": ("attentive", "pretrained"),
     "attentive_random": ("attentive", "random"),
 }
-ATTENTIVE_OVERRIDES = ("probe.kind=attentive", "probe.weight_decay=0.01", "probe.epochs=20")
+ATTENTIVE_OVERRIDES = ("probe.kind=attentive", "probe.blocks=1", "probe.weight_decays=[0.01]",
+                       "probe.epochs=20")
 DETECTION_ENCODERS = {"pretrained": "pretrained", "random": "random init"}
 DETECTION_ROWS = (  # (results key, metric, what the row measures, encoder-free baseline)
     ("ava/frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "encoder fine-tuned with the RoI head",
