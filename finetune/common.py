@@ -15,10 +15,16 @@ from torch import nn
 
 from models import ModelConfig, VideoViT, build_encoder, load_encoder_weights
 from models.checkpoint import ENCODER_EXPORT
+from runtime.checkpoint import LATEST_FILE
 from runtime.dist import discover
 from runtime.errors import InputError, MissingInputError
 
 logger = logging.getLogger(__name__)
+
+# DeepSpeed's save_checkpoint writes a tag folder's module weights here (ZeRO 0-2, no model
+# parallelism); models.checkpoint reads the same file
+DEEPSPEED_WEIGHTS = "mp_rank_00_model_states.pt"
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def init_head(model: VideoViT, scale: float) -> None:
@@ -30,27 +36,47 @@ def init_head(model: VideoViT, scale: float) -> None:
 
 
 def resolve_weights(source: str | Path) -> Path:
-    """The weights file behind ``source``: a file, an HF model directory, a pretraining
-    checkpoint folder (``…/checkpoints/step_N`` holding ``encoder.safetensors``) or a run
-    folder (its ``checkpoints/latest``)."""
+    """The weights file behind ``source``: a file; a folder holding ``encoder.safetensors``
+    (a pretraining checkpoint ``…/checkpoints/step_N``); a DeepSpeed checkpoint tag folder
+    (its ``mp_rank_00_model_states.pt``, weights under ``module``: this project's fine-tuning
+    and detection checkpoints, official VideoMAE ``--enable_deepspeed`` ``checkpoint-N``
+    folders); an HF model directory (returned itself); a folder with DeepSpeed's ``latest``
+    file (the official fine-tuning ``output_dir``, this project's ``checkpoints/``) or a run
+    folder (its ``checkpoints/latest``): the checkpoint ``latest`` names."""
     path = Path(source)
     if path.is_file():
         return path
-    if path.is_dir():
-        if (path / ENCODER_EXPORT).is_file():
-            return path / ENCODER_EXPORT
-        latest = path / "checkpoints" / "latest"
+    if not path.is_dir():
+        raise MissingInputError(f"pretrained weights {path} do not exist: check the weights / "
+                                "pretrained field")
+    found = _weights_in_checkpoint(path)
+    if found is not None:
+        return found
+    for latest in (path / LATEST_FILE, path / "checkpoints" / LATEST_FILE):
         if latest.is_file():
             tag_dir = latest.parent / latest.read_text().strip()
-            if (tag_dir / ENCODER_EXPORT).is_file():
-                return tag_dir / ENCODER_EXPORT
-        if any((path / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
-            return path  # HF model directory
-        raise MissingInputError(
-            f"{path} is a folder without {ENCODER_EXPORT}, checkpoints/latest or an HF "
-            "model.safetensors / pytorch_model.bin: pass the weights file")
-    raise MissingInputError(f"pretrained weights {path} do not exist: check the weights / "
-                            "pretrained field")
+            found = _weights_in_checkpoint(tag_dir) if tag_dir.is_dir() else None
+            if found is None:
+                raise MissingInputError(
+                    f"{latest} names checkpoint {tag_dir.name}, but {tag_dir} holds neither "
+                    f"{ENCODER_EXPORT} nor {DEEPSPEED_WEIGHTS}: pass a checkpoint folder or "
+                    "weights file")
+            return found
+    raise MissingInputError(
+        f"{path} is a folder without {ENCODER_EXPORT}, {DEEPSPEED_WEIGHTS}, a DeepSpeed "
+        f"'latest' file, checkpoints/latest or an HF model.safetensors / pytorch_model.bin: "
+        "pass the weights file or a checkpoint folder")
+
+
+def _weights_in_checkpoint(folder: Path) -> Path | None:
+    """The weights of one checkpoint folder: the encoder export, DeepSpeed's model states or
+    (an HF model directory) the folder itself; None when it has none."""
+    for name in (ENCODER_EXPORT, DEEPSPEED_WEIGHTS):
+        if (folder / name).is_file():
+            return folder / name
+    if any((folder / name).is_file() for name in HF_WEIGHTS):
+        return folder
+    return None
 
 
 def build_model(cfg: ModelConfig, weights: str, strict: bool = True, seed: int = 0,

@@ -3,12 +3,14 @@ clear failures, and where the weights are found."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
 
 from finetune.common import build_model, resolve_weights
 from models import VideoMAEPretrain, build_encoder
+from runtime.checkpoint import CheckpointManager
 from runtime.io import atomic_save_safetensors
 
 
@@ -83,3 +85,43 @@ def test_weights_are_found_in_a_pretraining_run_folder(tmp_path):
         resolve_weights(tmp_path)
     with pytest.raises(FileNotFoundError, match="missing.pth do not exist"):
         resolve_weights(tmp_path / "missing.pth")
+
+
+def test_weights_are_found_in_deepspeed_checkpoint_folders(tmp_path, tiny_model_cfg):
+    """Checkpoints written by a real DeepSpeed engine: this project's layout (a fine-tuning
+    run's ``checkpoints/step_N`` holds DeepSpeed's files and no encoder export) and the
+    official VideoMAE ``--enable_deepspeed`` output folder (``latest`` naming
+    ``checkpoint-N/mp_rank_00_model_states.pt``, weights under ``module``)."""
+    from runtime.dist import init_distributed
+    from runtime.engine import EngineConfig, create_engine
+    from runtime.optim import OptimConfig
+
+    init_distributed()
+    cfg = tiny_model_cfg(num_classes=5)
+    torch.manual_seed(1)  # not build_model's seed: loading must replace every weight
+    engine = create_engine(build_encoder(cfg), EngineConfig(precision="fp32", zero_stage=0),
+                           OptimConfig(), micro_batch_size=2, world_size=1, out_dir=None,
+                           steps_per_epoch=2)
+    engine.step(engine(torch.randn(2, 3, 8, 32, 32)).pow(2).mean())
+    trained = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    run = tmp_path / "run"
+    CheckpointManager(run / "checkpoints").save(engine, 1)
+    official = tmp_path / "output"
+    engine.ds_engine.save_checkpoint(str(official), tag="checkpoint-9", client_state={"epoch": 9})
+
+    ours = run / "checkpoints" / "step_1" / "mp_rank_00_model_states.pt"
+    assert (resolve_weights(run) == resolve_weights(run / "checkpoints")
+            == resolve_weights(ours.parent) == ours)
+    assert resolve_weights(official) == official / "checkpoint-9" / "mp_rank_00_model_states.pt"
+    fresh = build_model(cfg, "").state_dict()
+    for source in (run, official, ours.parent):
+        loaded = build_model(cfg, str(source)).state_dict()
+        assert loaded.keys() == trained.keys()
+        for key, value in loaded.items():
+            torch.testing.assert_close(value, trained[key], rtol=0, atol=0, msg=key)
+        assert not torch.equal(loaded["blocks.0.attn.qkv.weight"],
+                               fresh["blocks.0.attn.qkv.weight"])
+
+    shutil.rmtree(official / "checkpoint-9")
+    with pytest.raises(FileNotFoundError, match="latest names checkpoint checkpoint-9"):
+        resolve_weights(official)
