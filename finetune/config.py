@@ -19,6 +19,7 @@ from runtime.config import help_text
 from runtime.engine import EngineConfig
 from runtime.errors import InputError
 from runtime.optim import OptimConfig
+from runtime.trackers import MlflowConfig, WandbConfig, mlflow_field, wandb_field
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ class LogConfig:
     every_steps: int = field(default=20, metadata=help_text(
         "write the training loss and lr every N optimizer steps"))
     tensorboard: bool = field(default=True, metadata=help_text("also write TensorBoard scalars"))
+    wandb: WandbConfig = wandb_field()
+    mlflow: MlflowConfig = mlflow_field()
 
     def validate(self) -> None:
         if self.every_steps < 1:
@@ -263,6 +266,9 @@ class ProbeConfig:
     precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata=help_text(
         "autocast precision of the feature extraction (bf16/fp16 on GPUs)"))
     seed: int = field(default=0, metadata=help_text("seeds the random encoder and the probe"))
+    log: LogConfig = field(default_factory=LogConfig, metadata=help_text(
+        "TensorBoard and experiment trackers (the probe writes one line per epoch: "
+        "every_steps is not used)"))
 
     def resolve(self) -> ProbeConfig:
         """The data section's clip geometry filled in from the model section (idempotent)."""

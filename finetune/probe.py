@@ -48,6 +48,7 @@ from runtime.errors import InputError, run_command
 from runtime.io import atomic_write_text
 from runtime.logging import RunLogger, progress, setup_logging
 from runtime.seed import seed_everything
+from runtime.trackers import tracked
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def _knn(train: FeatureSet, val: FeatureSet, cfg: ProbeConfig, classes: list[str
             "knn_temperature": cfg.probe.knn_temperature}, []
 
 
+@tracked
 def run(cfg: ProbeConfig) -> dict:
     """Train and evaluate the probe grid (or the kNN classifier); returns, on every rank, the
     best head's ``top1``, ``top5``, ``mean_class_acc`` (fractions), ``num_videos``,
@@ -186,7 +188,7 @@ def run(cfg: ProbeConfig) -> dict:
     online = cfg.probe.features == "online"
     metrics: dict = {}
     heads: list[dict] = []
-    with RunLogger(out_dir, enabled=env.is_main) as run_log:
+    with RunLogger(out_dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard) as run_log:
         if online:
             grid = _train_online(encoder, cfg, _grid(cfg, cfg.model.encoder_dims().embed_dim,
                                                      len(classes)), pool, device, run_log)

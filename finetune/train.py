@@ -36,6 +36,7 @@ from runtime.dist import broadcast_from_main, init_distributed
 from runtime.engine import TrainEngine, create_engine
 from runtime.io import atomic_save_safetensors, atomic_write_text
 from runtime.seed import seed_everything
+from runtime.trackers import tracked
 from runtime.preemption import Preempted
 from runtime.training import (Window, checkpoint_now, close_loop, log_window, next_position,
                               open_loop, open_run, resume_from, timed, validation_due)
@@ -117,6 +118,7 @@ def export_model(module: VideoViT, path: Path) -> None:
 # Loop
 
 
+@tracked
 def run(cfg: FinetuneConfig) -> dict:
     """Fine-tune (or resume) on this rank; returns the final test metrics (same on all ranks):
     ``top1``, ``top5``, ``mean_class_acc`` (fractions), ``num_videos``, ``step``,

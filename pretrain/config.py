@@ -16,6 +16,7 @@ from runtime.checkpoint import CheckpointConfig
 from runtime.config import help_text
 from runtime.engine import EngineConfig
 from runtime.optim import OptimConfig
+from runtime.trackers import MlflowConfig, WandbConfig, mlflow_field, wandb_field
 
 
 @dataclass
@@ -27,6 +28,8 @@ class LogConfig:
         "-1 = never)"))
     vis_clips: int = field(default=4, metadata=help_text("clips shown in the reconstruction grid"))
     tensorboard: bool = field(default=True, metadata=help_text("also write TensorBoard scalars"))
+    wandb: WandbConfig = wandb_field()
+    mlflow: MlflowConfig = mlflow_field()
 
     def validate(self) -> None:
         if self.every_steps < 1 or self.vis_clips < 1 or self.vis_every_steps < -1:

@@ -34,6 +34,7 @@ from runtime.engine import TrainEngine, create_engine
 from runtime.io import atomic_save_safetensors, atomic_write_text
 from runtime.logging import METRICS_FILE, RunLogger
 from runtime.seed import seed_everything
+from runtime.trackers import tracked
 from runtime.preemption import Preempted
 from runtime.training import (DataStream, Window, checkpoint_now, close_loop, global_mean,
                               log_window, next_position, open_loop, open_run, resume_from, timed)
@@ -119,6 +120,7 @@ def check_schedule(saved: dict | None, engine: TrainEngine) -> None:
 # Loop
 
 
+@tracked
 def run(cfg: PretrainConfig) -> dict:
     """Run (or resume) pretraining on this rank; returns ``{"step", "loss", "zero_pred_loss",
     "out_dir"}`` (the losses of the last log window)."""

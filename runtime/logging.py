@@ -1,4 +1,5 @@
-"""Run logging: rank-0 progress bars, JSON-lines metrics and TensorBoard scalars."""
+"""Run logging: rank-0 progress bars, JSON-lines metrics, TensorBoard scalars and, inside a
+``runtime.trackers.tracked`` stage run, its W&B / MLflow runs."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from typing import Iterable, Iterator, TypeVar
 from tqdm.auto import tqdm
 
 from runtime.dist import is_main_process
+from runtime.trackers import active_session
 
 T = TypeVar("T")
 METRICS_FILE = "metrics.jsonl"
@@ -28,7 +30,9 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 class RunLogger:
-    """Writes scalars to ``<out_dir>/metrics.jsonl`` and TensorBoard, on the main process only.
+    """Writes scalars to ``<out_dir>/metrics.jsonl`` and TensorBoard, on the main process only,
+    and to the experiment trackers of the stage run in progress (``runtime.trackers``: W&B /
+    MLflow as ``<tag>/<name>``, when its config switches them on).
 
     Each JSON line is ``{"step": int, "time": float, "tag": str, <name>: value, ...}``;
     non-finite values are written as strings ("nan", "inf") so the file stays valid JSON.
@@ -58,6 +62,9 @@ class RunLogger:
                 self._writer.add_scalar(f"{tag}/{name}", value, int(step))
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        trackers = active_session()
+        if trackers is not None:
+            trackers.log(step, tag, scalars)
 
     def close(self) -> None:
         if self._file is not None:

@@ -38,6 +38,7 @@ from runtime.engine import create_engine
 from runtime.io import atomic_write_text
 from runtime.logging import progress
 from runtime.seed import seed_everything
+from runtime.trackers import tracked
 from runtime.preemption import Preempted
 from runtime.training import (Window, checkpoint_now, close_loop, log_window, next_position,
                               open_loop, open_run, resume_from, timed, validation_due)
@@ -119,6 +120,7 @@ def gather_scores(local: ScoredBoxes) -> ScoredBoxes:
 # Loop
 
 
+@tracked
 def run(cfg: DetectConfig) -> dict[str, float]:
     """Train (or resume) and evaluate on this rank; returns ``{"frame_mAP@0.5",
     "prior_baseline_frame_mAP@0.5", "AP@0.5/<action>", ...}`` (the same on every rank)."""

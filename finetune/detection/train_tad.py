@@ -49,6 +49,7 @@ from runtime.logging import RunLogger, progress
 from runtime.optim import build_adamw, lr_schedule, set_lr
 from runtime.preemption import Preempted, PreemptionSignal
 from runtime.seed import seed_everything
+from runtime.trackers import tracked
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +243,7 @@ def whole_video_baseline(train: list[VideoFeatures], val: list[VideoFeatures], n
 
 
 # ------------------------------------------------------------------------------ entry
+@tracked
 def run(cfg: TADConfig) -> dict[str, float]:
     """Extract (or reuse) features, train the head, evaluate; returns ``{"mAP@0.3", ...,
     "average_mAP", "whole_video_baseline_average_mAP"}``."""
