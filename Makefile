@@ -8,7 +8,7 @@ DEMO_DIR ?= runs/demo
 # the tested versions (see its header); `make install CONSTRAINTS=` installs from the ranges only
 CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
-EXTRAS ?= dev,demo
+EXTRAS ?= dev,demo,trackers
 
 .PHONY: install test demo clean
 
