@@ -13,7 +13,7 @@ import re
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Mapping, TypeVar
+from typing import Mapping, Sequence, TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -201,13 +201,19 @@ def barrier() -> None:
 
 def all_reduce_max(value: float) -> float:
     """Max of a scalar over ranks (identity when not distributed)."""
+    return all_reduce_max_many([value])[0]
+
+
+def all_reduce_max_many(values: Sequence[float]) -> list[float]:
+    """Element-wise max of ``values`` over ranks in one collective (identity when not
+    distributed)."""
     if not is_initialized():
-        return float(value)
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if torch_dist.get_backend() == "nccl":
         tensor = tensor.cuda()
     torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
-    return float(tensor.item())
+    return tensor.tolist()
 
 
 def gather_objects(local: T) -> list[T] | None:

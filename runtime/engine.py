@@ -35,10 +35,11 @@ import torch
 from torch import nn
 
 from runtime.config import help_text
-from runtime.dist import all_reduce_max, is_main_process
+from runtime.dist import all_reduce_max, all_reduce_max_many, is_main_process
 from runtime.errors import RunStopped
 from runtime.io import atomic_write_text
 from runtime.optim import OptimConfig, WarmupCosine, build_adamw, lr_schedule, set_lr
+from runtime.preemption import PreemptionSignal
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ class TrainEngine:
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self.last_step_applied = False
+        # a training loop's PreemptionSignal (open_loop): its flag rides on step's collective
+        self.stop_signal: PreemptionSignal | None = None
         if ds_engine.bfloat16_enabled():
             self.autocast_dtype: torch.dtype | None = torch.bfloat16
         elif ds_engine.fp16_enabled():
@@ -214,8 +217,15 @@ class TrainEngine:
 
     # --- training
     def _loss_is_finite(self, loss: torch.Tensor) -> bool:
-        local_bad = 0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0
-        return all_reduce_max(local_bad) == 0.0
+        """Whether the loss is finite on every rank; the same collective carries the
+        ``stop_signal`` flag when one is attached (one all-reduce per micro-batch)."""
+        local = [0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0]
+        if self.stop_signal is not None:
+            local.append(self.stop_signal.local_flag())
+        reduced = all_reduce_max_many(local)
+        if self.stop_signal is not None:
+            self.stop_signal.agree(reduced[1] > 0)
+        return reduced[0] == 0.0
 
     def _apply_lr(self) -> None:
         set_lr(self.ds_engine.optimizer, self.lr)

@@ -2,7 +2,8 @@
 
 SLURM sends ``SIGUSR1`` some time before a job's limit (``#SBATCH --signal=USR1@120``) and
 ``SIGTERM`` when it preempts or cancels a job. ``PreemptionSignal`` turns either into a flag;
-after every optimizer step a training loop asks ``requested()``, a collective (one
+after every optimizer step a training loop asks ``requested()``, which all ranks answer alike
+(from the flag the engine's per-step collective carried, ``TrainEngine.stop_signal``, or one
 all-reduce), so all ranks stop after the same step even when only one of them got the signal.
 The loop then saves a complete checkpoint and raises ``Preempted``; the stage's command line
 exits with ``PREEMPTED_EXIT_CODE``, which ``launch/slurm_pretrain.sbatch`` answers by
@@ -44,6 +45,7 @@ class PreemptionSignal:
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
         self.signals, self.received, self._previous = signals, None, {}
+        self._agreed: bool | None = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
@@ -67,7 +69,20 @@ class PreemptionSignal:
     def __exit__(self, *exc) -> None:
         self.restore()
 
+    def local_flag(self) -> float:
+        """1.0 when this rank got a stop signal, else 0.0 (what the collective reduces)."""
+        return 1.0 if self.received is not None else 0.0
+
+    def agree(self, any_rank: bool) -> None:
+        """Record the max of ``local_flag()`` over ranks computed by a collective the ranks ran
+        anyway (``TrainEngine.step``'s non-finite check), so the next ``requested()`` needs
+        none."""
+        self._agreed = any_rank
+
     def requested(self) -> bool:
-        """Whether any rank got a stop signal (a collective: every rank must call it at the
-        same step)."""
-        return all_reduce_max(1.0 if self.received is not None else 0.0) > 0
+        """Whether any rank got a stop signal: what ``agree`` recorded since the last call,
+        else one all-reduce (a collective: every rank must call it at the same step)."""
+        if self._agreed is not None:
+            agreed, self._agreed = self._agreed, None
+            return agreed
+        return all_reduce_max(self.local_flag()) > 0

@@ -118,11 +118,13 @@ def open_loop(out_dir: Path, is_main: bool, tensorboard: bool, engine: TrainEngi
               stop_at: int, desc: str) -> tuple[RunLogger, Any, PreemptionSignal]:
     """What a training loop keeps open: the run's ``RunLogger``, a progress bar over optimizer
     steps (rank 0 only) and the installed stop-signal handler (SIGUSR1 / SIGTERM: checkpoint,
-    then stop); ``close_loop`` closes them. Puts the engine in training mode."""
+    then stop); ``close_loop`` closes them. Puts the engine in training mode and attaches the
+    handler to it, so the stop flag rides on ``engine.step``'s collective."""
     run_log = RunLogger(out_dir, enabled=is_main, tensorboard=tensorboard)
     bar = progress(None, total=stop_at, initial=engine.global_step, desc=desc, enabled=is_main)
     engine.train()
-    return run_log, bar, PreemptionSignal().install()
+    engine.stop_signal = PreemptionSignal().install()
+    return run_log, bar, engine.stop_signal
 
 
 def close_loop(run_log: RunLogger, bar: Any, preemption: PreemptionSignal) -> None:
@@ -134,7 +136,8 @@ def close_loop(run_log: RunLogger, bar: Any, preemption: PreemptionSignal) -> No
 def checkpoint_now(step: int, stop_at: int, every_steps: int, position: DataPosition,
                    preemption: PreemptionSignal) -> tuple[bool, bool]:
     """``(save, preempted)`` after optimizer step ``step`` (every rank, every step: asking
-    ``preemption`` is a collective). A checkpoint is due at the last step, every
+    ``preemption`` is collective, answered by the step's own all-reduce when the engine carries
+    its flag). A checkpoint is due at the last step, every
     ``every_steps`` steps, or when a stop signal reached any rank; a scheduled one also marks
     ``position`` as the start of the next loader segment (the loop then starts a fresh one),
     a preemption checkpoint keeps the current segment so a resumed run skips into it."""

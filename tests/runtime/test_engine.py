@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from runtime.checkpoint import CheckpointConfig, CheckpointManager
 from runtime.engine import (DEEPSPEED_CONFIG_NAME, EngineConfig, NonFiniteLossError,
                             NonFiniteWeightsError, create_engine, deepspeed_config)
 from runtime.optim import OptimConfig, WarmupCosine, param_groups
+from runtime.preemption import PreemptionSignal
 
 
 class ToyViT(nn.Module):
@@ -236,6 +239,41 @@ def test_nonfinite_loss_is_skipped_counted_and_stops(tmp_path):
     with pytest.raises(NonFiniteLossError, match="3 micro-batches in a row"):
         engine.step(engine(x, y) * float("nan"))
     assert engine.nonfinite_total == 5
+
+
+
+def test_stop_signal_rides_on_the_step_collective(tmp_path, monkeypatch):
+    """With the stop-signal handler attached (as ``open_loop`` does), each micro-batch runs one
+    all-reduce carrying both the non-finite check and the stop flag, and ``requested()`` runs
+    none of its own; without a step in between it still asks on its own."""
+    import runtime.engine
+    import runtime.preemption
+    from runtime.dist import all_reduce_max, all_reduce_max_many
+
+    collectives = []
+
+    def counted(function):
+        def wrapper(values):
+            collectives.append(values)
+            return function(values)
+        return wrapper
+
+    monkeypatch.setattr(runtime.engine, "all_reduce_max_many", counted(all_reduce_max_many))
+    monkeypatch.setattr(runtime.preemption, "all_reduce_max", counted(all_reduce_max))
+    engine = build(tmp_path, grad_accum=2)
+    (x, y), (x2, y2) = make_batches(2)
+    with PreemptionSignal(signals=(signal.SIGUSR1,)) as stop:
+        engine.stop_signal = stop
+        for _ in range(2):
+            engine.step(engine(x, y))
+        assert stop.requested() is False and engine.global_step == 1
+        os.kill(os.getpid(), signal.SIGUSR1)  # the handler sets the flag
+        assert engine.step(engine(x2, y2) * float("nan")) is False  # still skipped
+        for _ in range(2):
+            engine.step(engine(x2, y2))
+        assert stop.requested() is True and engine.global_step == 2
+        assert collectives == [[0.0, 0.0]] * 2 + [[1.0, 1.0]] + [[0.0, 1.0]] * 2
+        assert stop.requested() is True and collectives[-1] == 1.0  # no step since: its own
 
 
 # --- checkpoints ------------------------------------------------------------------------
