@@ -145,8 +145,8 @@ def _is_number(value: Any) -> bool:
 
 
 def mlflow_name(key: str) -> str:
-    """``key`` with the characters MLflow refuses in a metric name as ``_`` (``mAP@0.5`` ->
-    ``mAP_0.5``)."""
+    """``key`` with the characters MLflow refuses in a metric or tag name as ``_``
+    (``mAP@0.5`` -> ``mAP_0.5``)."""
     return MLFLOW_NAME_REFUSED.sub("_", key)
 
 
@@ -243,7 +243,7 @@ class MlflowSink:
         self.client.log_batch(self.run_id, metrics=[Metric(mlflow_name(k), v, now, step)
                                                     for k, v in metrics],
                               params=[Param(k, v) for k, v in params],
-                              tags=[RunTag(k, v) for k, v in tags])
+                              tags=[RunTag(mlflow_name(k), v) for k, v in tags])
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self._log_batch(metrics=list(scalars.items()), step=step)

@@ -49,7 +49,7 @@ def train(cfg: StageConfig, losses: list[float], fail: BaseException | None = No
                 raise fail
         run_log.log(start + len(losses), tag="val", **{"top1": 0.5, "mAP@0.5": 0.25})
     return {"top1": 0.5, "mAP@0.5": 0.25, "steps": len(losses), "out_dir": cfg.out_dir,
-            "per_class": {"a": 0.75}}
+            "per_class": {"a": 0.75}, "weights@start": "random init"}
 
 
 def run_log_start(cfg: StageConfig) -> int:
@@ -112,6 +112,7 @@ def test_mlflow_records_config_metrics_summary_and_status(tmp_path, mlflow_store
     assert run.data.metrics["steps"] == 3 and run.data.metrics["per_class.a"] == 0.75
     assert history(client, run.info.run_id, "top1") == {3: 0.5}
     assert run.data.tags["summary.out_dir"] == cfg.out_dir
+    assert run.data.tags["summary.weights_start"] == "random init"
     ids = json.loads((tmp_path / "run" / TRACKER_IDS_FILE).read_text())
     assert ids == {"mlflow": run.info.run_id}
     assert active_session() is None
