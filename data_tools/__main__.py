@@ -41,14 +41,25 @@ def _add_build(sub) -> None:
                    help="parallel worker processes (default: CPUs, at most 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
     p.add_argument("--no-shuffle", action="store_true", help="keep the input order")
+    from data_tools.build import ReencodeOptions
+
+    opts = ReencodeOptions()
     p.add_argument("--reencode", action="store_true",
-                   help="store an H.264 copy (short side, short keyframe interval, no "
-                        "B-frames) instead of the original bytes; cuts CSV start/end segments")
-    p.add_argument("--short-side", type=int, default=320, help="--reencode: short side (px)")
-    p.add_argument("--gop", type=int, default=16, help="--reencode: keyframe interval (frames)")
-    p.add_argument("--fps", type=float, default=None, help="--reencode: output frame rate "
-                                                           "(default: the source's)")
-    p.add_argument("--crf", type=int, default=23, help="--reencode: x264 CRF")
+                   help="store an H.264 copy (short side, every --frame-stride-th frame, short "
+                        "keyframe interval, no B-frames) instead of the original bytes; cuts "
+                        "CSV start/end segments")
+    p.add_argument("--short-side", type=int, default=opts.short_side,
+                   help=f"--reencode: short side (px; default {opts.short_side}, never enlarged)")
+    p.add_argument("--frame-stride", type=int, default=opts.frame_stride,
+                   help=f"--reencode: keep every N-th frame (default {opts.frame_stride}: the "
+                        "stride of 16x4 pretraining clips; the loader's data.sampling_rate must "
+                        "be a multiple of it; 1 keeps every frame, e.g. for SSv2's stride 2)")
+    p.add_argument("--gop", type=int, default=opts.gop,
+                   help=f"--reencode: keyframe interval (stored frames; default {opts.gop})")
+    p.add_argument("--fps", type=float, default=None, help="--reencode: resample to this frame "
+                                                           "rate before --frame-stride (default: "
+                                                           "the source's)")
+    p.add_argument("--crf", type=int, default=opts.crf, help="--reencode: x264 CRF")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a shard set already in --out")
 
@@ -59,8 +70,8 @@ def _run_build(args) -> int:
 
     classes = read_classes(args.classes) if args.classes else None
     sources = read_sources(args.source, args.format, args.root, classes)
-    reencode = (ReencodeOptions(args.short_side, args.gop, args.fps, args.crf)
-                if args.reencode else None)
+    reencode = (ReencodeOptions(args.short_side, args.gop, args.fps, args.crf,
+                                frame_stride=args.frame_stride) if args.reencode else None)
     manifest = build_shards(sources, args.out, prefix=args.prefix, max_count=args.max_count,
                             max_size=parse_size(args.max_size), reencode=reencode,
                             shuffle_seed=None if args.no_shuffle else args.seed,

@@ -13,8 +13,11 @@ Pipeline (``build_shards``):
    a worker under a temporary name and renamed when complete;
 4. ``manifest.json`` (shards with sample counts, class map, totals) is written last, atomically.
 
-Each sample is ``<key>.mp4`` (the original bytes, or the re-encoded copy) and ``<key>.json``
-(``manifest.SAMPLE_FIELDS`` plus optional ``start``/``end`` and task-specific fields).
+Each sample is ``<key>.<ext>`` and ``<key>.json`` (``manifest.SAMPLE_FIELDS`` plus optional
+``start``/``end``, ``frame_stride`` and task-specific fields). The video member is the
+original bytes under the source's own container extension (``mp4``, ``webm``, ``mkv``,
+``avi``, ...: one of ``decode.VIDEO_EXTENSIONS``, which the loader reads), or the re-encoded
+copy as ``mp4``.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from data_tools.decode import VIDEO_EXTENSIONS
 from data_tools.manifest import MANIFEST_NAME, Manifest, ShardInfo, shard_name, write_manifest
 from data_tools.parallel import parallel_map, worker_pool
 from data_tools.sources import SourceItem, SourceSet
@@ -76,13 +80,28 @@ def _label_name(label: int, classes: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- workers
 @dataclass(frozen=True)
 class ReencodeOptions:
-    """``--reencode``: H.264 copy at ``short_side`` with a keyframe every ``gop`` frames."""
+    """``--reencode``: an H.264 copy at ``short_side`` keeping every ``frame_stride``-th frame
+    (of the source rate, or of ``fps`` when given) with a keyframe every ``gop`` stored frames.
 
-    short_side: int = 320
+    The defaults are the fastest pretraining input measured by ``bench/loader.py`` for
+    16-frame stride-4 224x224 clips (bench/RESULTS.md, loader section): stored frames at
+    the sampling stride (a clip is 16 consecutive stored frames instead of 61), a keyframe
+    every 16 stored frames and a 256-pixel short side (multi-scale crops of 256-169 px).
+    The loader then needs ``data.sampling_rate`` to be a multiple of ``frame_stride``; pass
+    ``frame_stride=1`` for sets read at other strides (e.g. 2, SSv2-style).
+    """
+
+    short_side: int = 256
     gop: int = 16
     fps: float | None = None
     crf: int = 23
     preset: str = "veryfast"
+    frame_stride: int = 4
+
+    def __post_init__(self):
+        for name in ("short_side", "gop", "frame_stride"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"reencode {name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -97,7 +116,8 @@ class _PrepareJob:
 @dataclass(frozen=True)
 class _Prepared:
     key: str
-    payload: Path  # the bytes to store as <key>.mp4
+    payload: Path  # the bytes to store as <key>.<extension>
+    extension: str
     meta: bytes  # the <key>.json content
     size: int
     duration: float
@@ -124,6 +144,8 @@ def _sample_meta(job: _PrepareJob, info) -> dict:
         else:
             meta["start"] = start
             meta["end"] = meta["duration"] if item.end is None else min(item.end, meta["duration"])
+    if job.reencode is not None:
+        meta["frame_stride"] = job.reencode.frame_stride
     for name, value in item.extra.items():  # task-specific fields never replace the core ones
         meta.setdefault(name, value)
     return meta
@@ -137,21 +159,39 @@ def _prepare(job: _PrepareJob) -> _Prepared | _Rejected:
             raise VideoError("file not found")
         payload = item.path
         info = probe_video(item.path)
+        extension = _stored_extension(item.path, info.container)
         if item.start is not None and item.start >= info.duration:
             raise VideoError(f"start {item.start}s is past the end ({info.duration:.3f}s)")
         if job.reencode is not None:
             opts = job.reencode
             data = reencode_video(item.path, opts.short_side, opts.gop, opts.fps, item.start,
-                                  item.end, opts.crf, opts.preset)
+                                  item.end, opts.crf, opts.preset, opts.frame_stride)
             info = probe_video(data)
-            payload = job.scratch / f"{job.key}.mp4"
+            payload, extension = job.scratch / f"{job.key}.mp4", "mp4"
             payload.write_bytes(data)
         meta = _sample_meta(job, info)
-        return _Prepared(job.key, payload, json.dumps(meta, sort_keys=True).encode(),
+        return _Prepared(job.key, payload, extension, json.dumps(meta, sort_keys=True).encode(),
                          payload.stat().st_size, info.duration, item.label, info.width,
                          info.height)
     except (VideoError, OSError) as err:
         return _Rejected(item.source or str(item.path), str(err) or type(err).__name__)
+
+
+# FFmpeg demuxer names -> the member extension of a source whose suffix is not a known one
+_CONTAINER_EXTENSIONS = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4", "matroska,webm": "mkv",
+                         "avi": "avi", "flv": "flv", "mpeg": "mpg"}
+
+
+def _stored_extension(path: Path, container: str) -> str:
+    """The tar member extension of a source stored as it is: its own suffix when the loader
+    reads it, else the one of its container format."""
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix in VIDEO_EXTENSIONS:
+        return suffix
+    if container in _CONTAINER_EXTENSIONS:
+        return _CONTAINER_EXTENSIONS[container]
+    raise VideoError(f"container {container!r} ({path.suffix or 'no suffix'}) is not one the "
+                     f"loader reads ({', '.join(VIDEO_EXTENSIONS)}); build with --reencode")
 
 
 def _tar_size(num_bytes: int) -> int:
@@ -191,7 +231,7 @@ def _write_shard(job: _ShardJob) -> ShardInfo:
     with atomic_path(job.path) as tmp, open(tmp, "wb") as handle:
         writer = wds.TarWriter(handle, encoder=False, mtime=0)  # fixed mtime: reproducible tars
         for sample in job.samples:
-            writer.write({"__key__": sample.key, "mp4": sample.payload.read_bytes(),
+            writer.write({"__key__": sample.key, sample.extension: sample.payload.read_bytes(),
                           "json": sample.meta})
         writer.close()
     return ShardInfo(job.path.name, len(job.samples), job.path.stat().st_size)
@@ -266,6 +306,9 @@ def build_shards(sources: SourceSet, out_dir: str | Path, prefix: str = "train",
         "num_rejects": len(rejects),
         "rejects_file": REJECTS_NAME,
         "reencode": asdict(reencode) if reencode is not None else None,
+        # stored frame i is source frame i * frame_stride: the loader's sampling_rate must be
+        # a multiple of it (one rate per shard set; each sample's json repeats it)
+        "frame_stride": reencode.frame_stride if reencode is not None else 1,
         "source": sources.origin,
     })
     write_manifest(manifest, out_dir)

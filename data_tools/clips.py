@@ -20,11 +20,14 @@ from torch.utils.data import get_worker_info
 
 from data_tools import sampling
 from data_tools.config import DataConfig
-from data_tools.decode import VIDEO_EXTENSIONS, DecodeError, open_video, resolve_backend
+from data_tools.decode import (VIDEO_EXTENSIONS, DecodeError, backend_chain, open_video,
+                               video_member)
 from data_tools.loader_stats import WORKER_CHECK_MIN_SAMPLES, LoaderStats, SampleError
 from data_tools.masking import MaskGenerator
 from data_tools.seeding import stream_seed
 from data_tools.transforms import ClipTransform, normalize_batch
+from data_tools.worker_watch import WorkerWatch
+from runtime.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +47,14 @@ class ClipMaker:
     def __init__(self, cfg: DataConfig, mode: str, rank: int, stats: LoaderStats,
                  mask_generator=None, decoder_mask_generator=None):
         self.cfg, self.mode, self.rank, self.stats = cfg, mode, rank, stats
-        self.backend = resolve_backend(cfg.backend)
+        backend_chain(cfg.backend)  # an explicit backend that is not installed fails here
+        self.backend = cfg.backend
         crop = cfg.crop if cfg.crop != "auto" else (
             "multiscale" if mode == "pretrain" else "random_resized")
         self.transform = ClipTransform(cfg.input_size, crop, cfg.flip)
         self.mask_generator = mask_generator
         self.decoder_mask_generator = decoder_mask_generator
+        self.watch = WorkerWatch(cfg.num_workers)  # what each worker is decoding (timeouts)
         self.passes = 0
 
     def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
@@ -59,11 +64,14 @@ class ClipMaker:
         mask_rng = torch.Generator().manual_seed(seed)
         for sample in samples:
             key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+            self.watch.start(url, key)
             try:
                 clips = self.make_clips(sample, rng)
             except SampleError as err:
                 self._skip(err.reason, f"{err}", key, url)
                 continue
+            finally:
+                self.watch.finish()
             self.stats.add_decoded()
             for clip in clips:
                 if self.mask_generator is not None:
@@ -72,6 +80,21 @@ class ClipMaker:
                     clip["decoder_mask"] = _call_mask_generator(self.decoder_mask_generator,
                                                                 mask_rng)
                 yield clip
+
+    def _stored_stride(self, frame_stride: int, sample: dict) -> int:
+        """The dense-sampling stride in stored frames: ``data.sampling_rate`` counts source
+        frames, and a shard set built with ``--frame-stride s`` keeps every s-th of them."""
+        rate = self.cfg.sampling_rate
+        if frame_stride == 1 or self.cfg.sampling != "dense":
+            return rate
+        if rate % frame_stride:
+            raise InputError(
+                f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')}: "
+                f"the set stores every {frame_stride}th frame (built with --frame-stride "
+                f"{frame_stride}) but data.sampling_rate={rate} is not a multiple of it; set "
+                f"data.sampling_rate to a multiple of {frame_stride}, or rebuild the shards "
+                f"with --frame-stride 1 (or a divisor of {rate})")
+        return rate // frame_stride
 
     def _skip(self, reason: str, message: str, key: str, url: str) -> None:
         self.stats.add_skipped(reason)
@@ -83,26 +106,31 @@ class ClipMaker:
                              f"rank {self.rank} worker {info.id if info else 0}")
 
     def make_clips(self, sample: dict, rng: np.random.Generator) -> list[dict]:
-        label, size = _read_meta(sample)
-        video_bytes = next((sample[e] for e in VIDEO_EXTENSIONS if e in sample), None)
-        if video_bytes is None:
+        label, size, frame_stride = _read_meta(sample)
+        member = video_member(sample)
+        if member is None:
             raise SampleError("missing_video", f"no video member (.{'/.'.join(VIDEO_EXTENSIONS)})")
         cfg = self.cfg
+        stride = self._stored_stride(frame_stride, sample)
         independent = cfg.repeat_sampling == "independent"
+        reader = None
         try:
-            reader = open_video(video_bytes, self.backend, cfg.short_side, size, num_threads=1)
+            reader = open_video(member[1], self.backend, cfg.short_side, size, num_threads=1)
             if self.mode in RESAMPLED_MODES:
                 clip_indices = [sampling.train_indices(reader.num_frames, cfg.num_frames,
-                                                       cfg.sampling_rate, cfg.sampling, rng)
+                                                       stride, cfg.sampling, rng)
                                 for _ in range(cfg.repeat if independent else 1)]
             else:
                 num_clips = cfg.num_test_clips if self.mode == "test_views" else 1
                 clip_indices = sampling.multi_view_indices(
-                    reader.num_frames, cfg.num_frames, cfg.sampling_rate, num_clips, cfg.sampling)
+                    reader.num_frames, cfg.num_frames, stride, num_clips, cfg.sampling)
             unique, inverse = np.unique(np.concatenate(clip_indices), return_inverse=True)
             frames = reader.get_frames(unique.tolist())
         except DecodeError as err:
             raise SampleError(err.reason, str(err)) from err
+        finally:
+            if getattr(reader, "fallbacks", 0):
+                self.stats.add_event("decoder_fallback", reader.fallbacks)
         key = sample["__key__"]
         positions = [torch.from_numpy(p) for p in inverse.reshape(len(clip_indices), -1)]
         if len(positions) == 1 and np.array_equal(inverse, np.arange(len(inverse))):
@@ -124,15 +152,20 @@ class ClipMaker:
         return clips
 
 
-def _read_meta(sample: dict) -> tuple[int, tuple[int, int]]:
-    """``label`` and stored ``(width, height)`` (0 when absent) from the sample's json."""
+def _read_meta(sample: dict) -> tuple[int, tuple[int, int], int]:
+    """``label``, stored ``(width, height)`` (0 when absent) and ``frame_stride`` (stored
+    frame i is source frame ``i * frame_stride``; 1 when absent) from the sample's json."""
     if "json" not in sample:
         raise SampleError("missing_json", "no .json member")
     try:
         meta = json.loads(sample["json"])
         if not isinstance(meta, dict):
             raise ValueError(f"expected an object, got {type(meta).__name__}")
-        return int(meta.get("label", -1)), (int(meta.get("width", 0)), int(meta.get("height", 0)))
+        frame_stride = int(meta.get("frame_stride", 1))
+        if frame_stride < 1:
+            raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
+        return (int(meta.get("label", -1)), (int(meta.get("width", 0)), int(meta.get("height", 0))),
+                frame_stride)
     except (ValueError, TypeError) as err:
         raise SampleError("bad_json", f"unreadable metadata: {err}") from err
 

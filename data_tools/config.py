@@ -57,7 +57,9 @@ class DataConfig:
     short_side: int = field(default=0, metadata=help_text(
         "resize at decode time so the shorter side has this length (0 = keep)"))
     backend: Backend = field(default="auto", metadata=help_text(
-        "video decoder: 'auto' (decord if installed, else PyAV), 'decord', 'pyav'"))
+        "video decoder: 'auto' (the fastest installed - PyAV, then torchcodec, then decord - "
+        "with a sample one cannot read handed to the next, counted as decoder_fallback), "
+        "'pyav', 'torchcodec', 'decord'"))
     mean: tuple[float, float, float] = field(default=IMAGENET_MEAN, metadata=help_text(
         "per-channel mean for normalisation (0-1 pixel units)"))
     std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata=help_text(
@@ -65,6 +67,9 @@ class DataConfig:
     batch_size: int = field(default=8, metadata=help_text(
         "clips per batch per rank (repeated clips count individually)"))
     num_workers: int = field(default=4, metadata=help_text("DataLoader worker processes"))
+    timeout_s: float = field(default=300.0, metadata=help_text(
+        "with num_workers > 0: stop with an error naming the shard and key a worker is stuck "
+        "on when no batch arrives for this many seconds (a hung decoder); 0 = wait forever"))
     shuffle_buffer: int = field(default=200, metadata=help_text(
         "samples held per worker for shuffling in pretrain/train (encoded bytes)"))
     epoch_samples: int = field(default=0, metadata=help_text(
@@ -124,7 +129,7 @@ class DataConfig:
                      "batch_size", "repeat", "tubelet_size", "patch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("short_side", "num_workers", "shuffle_buffer", "epoch_samples"):
+        for name in ("short_side", "num_workers", "shuffle_buffer", "epoch_samples", "timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.num_test_crops not in (1, 3):

@@ -49,6 +49,7 @@ from data_tools.masking import (MultiblockMasker, build_decoder_mask_generator,
 from data_tools.seeding import Shuffle
 from data_tools.shard_set import (resampled_samples, resolve_shards, resolve_sources,
                                   total_samples)
+from data_tools.worker_watch import LoaderTimeoutError, WorkerWatch
 from runtime.dist import discover
 from runtime.errors import InputError
 
@@ -64,8 +65,9 @@ class VideoLoader:
 
     def __init__(self, loader: wds.WebLoader, stats: LoaderStats, cfg: DataConfig, mode: str,
                  rank: int, world_size: int, num_batches: int | None = None,
-                 num_samples: int | None = None):
+                 num_samples: int | None = None, watch: WorkerWatch | None = None):
         self.loader, self._stats, self.cfg, self.mode = loader, stats, cfg, mode
+        self.watch = watch
         self.rank, self.world_size = rank, world_size
         self.num_batches, self.num_samples = num_batches, num_samples
         self.epoch = 0
@@ -85,7 +87,16 @@ class VideoLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         before = self._stats.snapshot()
-        yield from self.loader
+        try:
+            yield from self.loader
+        except RuntimeError as err:
+            if self.watch is None or "timed out" not in str(err):
+                raise
+            raise LoaderTimeoutError(
+                f"rank {self.rank}: no batch from the DataLoader workers for "
+                f"{self.cfg.timeout_s:g} s (data.timeout_s): {self.watch.describe()}. A decoder "
+                f"may hang on that sample: check it with 'python -m data_tools verify', take "
+                f"it out of the shard set, or raise data.timeout_s") from err
         epoch_totals = self._stats.snapshot() - before
         self.last_epoch_stats = LoaderStats.as_dict(epoch_totals)
         self.epoch += 1
@@ -174,8 +185,10 @@ def build_loader(cfg: DataConfig, mode: str, rank: int | None = None,
         dataset, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=cfg.num_workers > 0 and mode in RESAMPLED_MODES,
+        timeout=cfg.timeout_s if cfg.num_workers > 0 else 0,
         generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank))
     if num_batches is not None:
         loader = loader.with_epoch(num_batches)
-    return VideoLoader(loader, stats, cfg, mode, rank, world_size, num_batches, num_samples)
+    return VideoLoader(loader, stats, cfg, mode, rank, world_size, num_batches, num_samples,
+                       clip_maker.watch)
 

@@ -2,10 +2,10 @@
 
 Each shard is read with WebDataset's own tar iterator and key grouping (so a key the loader
 would split differently shows up as a broken sample), every ``<key>.json`` is checked against
-``manifest.SAMPLE_FIELDS`` and every ``<key>.mp4`` is fully decoded with the loader's decoder
-(``data_tools.decode``, decord by default); frame count and size must match the json. When
-the shard set has a manifest, missing shards and sample counts that differ from it are
-reported too.
+``manifest.SAMPLE_FIELDS`` and every video member (``<key>.mp4``, or another of
+``decode.VIDEO_EXTENSIONS``) is fully decoded with the loader's decoder (``data_tools.decode``,
+backend auto by default); frame count and size must match the json. When the shard set has a
+manifest, missing shards and sample counts that differ from it are reported too.
 """
 from __future__ import annotations
 
@@ -81,7 +81,11 @@ def iter_tar_samples(url: str) -> Iterator[dict]:
 
 def check_sample(sample: dict, decode: bool = True, backend: str = "auto") -> str | None:
     """The reason ``sample`` is unusable, or None when it is fine."""
-    missing = [ext for ext in ("mp4", "json") if ext not in sample]
+    from data_tools.decode import VIDEO_EXTENSIONS, video_member
+
+    video = video_member(sample)
+    missing = (["/".join(VIDEO_EXTENSIONS)] if video is None else []) + (
+        [] if "json" in sample else ["json"])
     if missing:
         others = sorted(k for k in sample if not k.startswith("__"))
         return f"missing .{' .'.join(missing)} (has {others}; a dot in a key splits it)"
@@ -94,7 +98,7 @@ def check_sample(sample: dict, decode: bool = True, backend: str = "auto") -> st
         return f"json lacks {absent}"
     if not decode:
         return None
-    return _decode_check(sample["mp4"], meta, backend)
+    return _decode_check(video[1], meta, backend)
 
 
 def _decode_check(data: bytes, meta: dict, backend: str) -> str | None:

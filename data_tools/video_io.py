@@ -197,20 +197,25 @@ def _timed_frames(container: av.container.InputContainer, start: float | None
 
 def reencode_video(src: VideoSource, short_side: int = 320, gop: int = 16,
                    fps: float | None = None, start: float | None = None,
-                   end: float | None = None, crf: int = 23, preset: str = "veryfast") -> bytes:
+                   end: float | None = None, crf: int = 23, preset: str = "veryfast",
+                   frame_stride: int = 1) -> bytes:
     """Re-encode ``src`` to H.264 MP4 bytes with the shorter side reduced to ``short_side``.
 
-    ``gop`` is the keyframe interval (random access then costs at most ``gop - 1`` extra
-    decoded frames); ``fps`` resamples the frame rate (frames repeated or dropped, nearest
-    earlier frame), default: keep the source's average rate; ``start``/``end`` (seconds) cut
-    the segment ``[start, end)``. Audio and other streams are dropped.
+    ``gop`` is the keyframe interval in stored frames (random access then costs at most
+    ``gop - 1`` extra decoded frames); ``fps`` resamples the frame rate (frames repeated or
+    dropped, nearest earlier frame), default: keep the source's average rate;
+    ``frame_stride`` keeps every ``frame_stride``-th frame of that rate (frames 0, s, 2s, ...;
+    stored rate ``fps / frame_stride``); ``start``/``end`` (seconds) cut the segment
+    ``[start, end)``. Audio and other streams are dropped.
     """
+    if frame_stride < 1:
+        raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
     with _open(src) as container:
         if not container.streams.video:
             raise VideoError("no video stream")
         stream = container.streams.video[0]
         src_fps = float(stream.average_rate or stream.guessed_rate or 0)
-        out_fps = float(fps) if fps else src_fps
+        out_fps = (float(fps) if fps else src_fps) / frame_stride
         if out_fps <= 0:
             raise VideoError("unknown frame rate; pass fps")
         width, height = scaled_size(stream.codec_context.width, stream.codec_context.height,

