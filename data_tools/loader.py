@@ -36,6 +36,7 @@ This module assembles the pipeline; its parts live in ``data_tools.shard_set`` (
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any, Iterator
 
 import torch
@@ -92,6 +93,7 @@ class VideoLoader:
         except RuntimeError as err:
             if self.watch is None or "timed out" not in str(err):
                 raise
+            _stop_workers(err, self.loader)
             raise LoaderTimeoutError(
                 f"rank {self.rank}: no batch from the DataLoader workers for "
                 f"{self.cfg.timeout_s:g} s (data.timeout_s): {self.watch.describe()}. A decoder "
@@ -105,6 +107,21 @@ class VideoLoader:
                            self.last_epoch_stats)
         self._stats.check(epoch_totals, self.cfg.max_failure_fraction,
                           f"rank {self.rank} epoch {self.epoch} ({self.mode})")
+
+
+def _stop_workers(err: BaseException, loader: wds.WebLoader) -> None:
+    """Shut down the DataLoader workers after a timeout, terminating a hung one (what the
+    DataLoader iterator does when it is garbage-collected; the exception's frames keep it
+    alive here, and a persistent-workers DataLoader keeps it in ``_iterator``)."""
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        iterator = frame.f_locals.get("self")
+        if isinstance(iterator, _MultiProcessingDataLoaderIter):
+            iterator._shutdown_workers()
+    data_loader = loader.pipeline[0]
+    if getattr(data_loader, "_iterator", None) is not None:
+        data_loader._iterator = None
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
