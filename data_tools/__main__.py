@@ -92,8 +92,11 @@ def _add_verify(sub) -> None:
                     "any problem is found.")
     p.add_argument("shards", help="shard-set folder, manifest.json, glob or brace pattern")
     p.add_argument("--no-decode", action="store_true", help="check tar structure and json only")
-    p.add_argument("--backend", choices=("auto", "decord", "pyav"), default="auto",
-                   help="decoder, as in the loader (default: decord when installed)")
+    from data_tools.decode import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="decoder, as in the loader (default auto: the fastest installed, "
+                        "falling back to the next)")
     p.add_argument("--workers", type=int, default=_default_workers(), help="parallel processes")
 
 
