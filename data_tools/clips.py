@@ -20,8 +20,8 @@ from torch.utils.data import get_worker_info
 
 from data_tools import sampling
 from data_tools.config import DataConfig
-from data_tools.decode import (VIDEO_EXTENSIONS, DecodeError, backend_chain, open_video,
-                               video_member)
+from data_tools.decode import (VIDEO_EXTENSIONS, DecodeError, backend_chain, close_reader,
+                               open_video, video_member)
 from data_tools.loader_stats import WORKER_CHECK_MIN_SAMPLES, LoaderStats, SampleError
 from data_tools.masking import MaskGenerator
 from data_tools.seeding import stream_seed
@@ -129,8 +129,10 @@ class ClipMaker:
         except DecodeError as err:
             raise SampleError(err.reason, str(err)) from err
         finally:
-            if getattr(reader, "fallbacks", 0):
-                self.stats.add_event("decoder_fallback", reader.fallbacks)
+            if reader is not None:
+                close_reader(reader)
+                if getattr(reader, "fallbacks", 0):
+                    self.stats.add_event("decoder_fallback", reader.fallbacks)
         key = sample["__key__"]
         positions = [torch.from_numpy(p) for p in inverse.reshape(len(clip_indices), -1)]
         if len(positions) == 1 and np.array_equal(inverse, np.arange(len(inverse))):
