@@ -38,13 +38,14 @@ import torch
 
 from bench.common import (add_common_args, benchmark, finish, machine_info, make_adamw, setup,
                           train_step, tube_masks)
-from bench.loader import build_sets, cpu_seconds
+from bench.loader import build_set, cpu_seconds
 from bench.vs_hf import MASK_RATIO, model_config
+from data_tools.build import ReencodeOptions
 from data_tools.config import DataConfig
 from data_tools.loader import build_loader
 from models import VideoMAEPretrain
 
-DEFAULT_SHARDS = Path("bench/out/loader/reencoded")
+DEFAULT_SHARDS = Path("bench/out/loader/default")  # `build --reencode` defaults
 
 
 def data_config(args, cfg) -> DataConfig:
@@ -65,7 +66,8 @@ def loader_alone(data: DataConfig, workers: int, batches: int) -> dict:
         clips += len(next(iterator)["key"])
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     del iterator, loader
-    return {"clips_s": clips / wall, "clips_per_cpu_s": clips / cpu}
+    # tiny dry runs can finish inside one CPU-clock tick (10 ms): no per-CPU figure then
+    return {"clips_s": clips / wall, "clips_per_cpu_s": clips / cpu if cpu > 0 else math.nan}
 
 
 def loader_and_model(data: DataConfig, workers: int, step_fn, device: torch.device, warmup: int,
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.shards is None:
         args.shards = DEFAULT_SHARDS
         if not (DEFAULT_SHARDS / "manifest.json").is_file():
-            build_sets(DEFAULT_SHARDS.parent)
+            build_set(DEFAULT_SHARDS.parent, DEFAULT_SHARDS.name, ReencodeOptions())
     cfg = model_config(args.size, args.quick)
     data = data_config(args, cfg)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import webdataset as wds
 from torch.utils.data import get_worker_info
 
 
@@ -42,4 +41,6 @@ class Shuffle:
     def __call__(self, src):
         self.passes += 1
         rng = random.Random(stream_seed(self.seed, self.rank, 1, self.passes))
+        import webdataset as wds  # here: masks (which use stream_seed) import without it
+
         return wds.shuffle(self.bufsize, initial=self.bufsize // 2 + 1, rng=rng)(src)

@@ -149,6 +149,9 @@ def test_other_ranks_open_no_tracker(tmp_path, mlflow_store, monkeypatch):
     uri, client = mlflow_store
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    # rank from the environment even where an earlier test in this worker left a
+    # single-process group initialised
+    monkeypatch.setattr("runtime.dist.is_initialized", lambda: False)
     cfg = mlflow_cfg(tmp_path, uri)
     seen = []
 
