@@ -8,8 +8,8 @@ Rows (same model, batch, 90% tube masking, 16x224 clips; forward + backward + Ad
   the two runs around it);
 - ``loader alone, W workers``: batches drawn as fast as the loader makes them (no model);
 - ``loader + model, W workers``: the training loop as ``pretrain.train`` runs it - wait for
-  the next batch, copy it (pinned, non-blocking on CUDA), step. ``data_wait`` is the fraction
-  of wall time spent waiting for batches.
+  the next batch, copy it (pinned, non-blocking on CUDA), normalise it there, step.
+  ``data_wait`` is the fraction of wall time spent waiting for batches.
 
 Workers needed per device = model-alone clips/s / clips per second that one worker core
 decodes (from the loader-alone rows' CPU time, so it holds when workers have their own
@@ -41,6 +41,7 @@ from bench.common import (add_common_args, benchmark, finish, machine_info, make
 from bench.loader import build_set, cpu_seconds
 from bench.vs_hf import MASK_RATIO, model_config
 from data_tools.build import ReencodeOptions
+from data_tools.clips import model_input
 from data_tools.config import DataConfig
 from data_tools.loader import build_loader
 from models import VideoMAEPretrain
@@ -81,7 +82,7 @@ def loader_and_model(data: DataConfig, workers: int, step_fn, device: torch.devi
     for i in range(warmup + steps):
         start = time.perf_counter()
         batch = next(iterator)
-        video = batch["video"].to(device, non_blocking=True)
+        video = model_input(batch, device, data)  # uint8 copied, normalised on the device
         mask = batch["mask"]  # stays on the host, as in pretrain_step
         got = time.perf_counter()
         step_fn(video, mask)

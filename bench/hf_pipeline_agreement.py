@@ -72,7 +72,8 @@ def main() -> None:
         folder = export_run(args.run, Path(tmp) / "hf")
         videos = extract_videos(args.val, Path(tmp))
         loader = build_loader(eval_data_config(data, str(args.val), 1, 8, 0), "eval", 0, 1)
-        ours = evaluate(predictor.model, loader, predictor.model.cfg.num_classes).scores
+        ours = evaluate(predictor.model, loader, predictor.model.cfg.num_classes,
+                        data=data).scores
         ours_top1 = {k: int(s.argmax()) for k, s in zip(ours.keys, ours.scores)}
         classify = pipeline("video-classification", model=str(folder), device="cpu")
         processor = AutoVideoProcessor.from_pretrained(folder)

@@ -3,29 +3,31 @@
 
 A clip dict holds ``video`` uint8 ``(T, C, H, W)``, ``label`` int, ``key`` str, and, depending
 on the mode, ``mask`` / ``decoder_mask`` bool ``(N,)`` (True = masked) and ``view`` int. A
-batch holds ``video`` float32 ``(B, C, T, H, W)`` (normalised), ``label`` long ``(B,)``,
-``key`` list[str], and ``mask`` / ``decoder_mask`` bool ``(B, N)``, ``view`` long ``(B,)``
-when the clips have them. The modes are those of ``data_tools.loader``.
+batch holds ``video`` ``(B, C, T, H, W)`` - uint8 pixels with ``data.normalize="device"``
+(the default), normalised float32 with ``"loader"`` -, ``label`` long ``(B,)``, ``key``
+list[str], and ``mask`` / ``decoder_mask`` bool ``(B, N)``, ``view`` long ``(B,)`` when the
+clips have them. ``model_input`` turns a batch's video into the model's float32 input on a
+device in either case. The modes are those of ``data_tools.loader``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
 from data_tools import sampling
-from data_tools.config import DataConfig
+from data_tools.config import DataConfig, Normalize
 from data_tools.decode import (VIDEO_EXTENSIONS, DecodeError, backend_chain, close_reader,
                                open_video, video_member)
 from data_tools.loader_stats import WORKER_CHECK_MIN_SAMPLES, LoaderStats, SampleError
 from data_tools.masking import MaskGenerator
 from data_tools.seeding import stream_seed
-from data_tools.transforms import ClipTransform, normalize_batch
+from data_tools.transforms import ClipTransform, normalize_batch, normalize_video, stack_clips
 from data_tools.worker_watch import WorkerWatch
 from runtime.errors import InputError
 
@@ -178,19 +180,26 @@ def _call_mask_generator(generator, rng: torch.Generator) -> torch.Tensor:
 
 
 class ClipCollator:
-    """Clip dicts -> a batch. The uint8 clips are normalised straight into the batch tensor,
-    allocated in shared memory inside a worker (as ``default_collate`` does), so handing the
-    batch to the main process copies nothing."""
+    """Clip dicts -> a batch. The clips are written straight into the batch tensor, allocated
+    in shared memory inside a worker (as ``default_collate`` does), so handing the batch to
+    the main process copies nothing: uint8 with ``normalize="device"``, normalised float32
+    (4x the bytes, converted in the worker) with ``normalize="loader"``."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
-        self.mean, self.std = mean, std
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...],
+                 normalize: Normalize = "device"):
+        self.mean, self.std, self.normalize = mean, std, normalize
 
     def __call__(self, clips: list[dict]) -> dict[str, Any]:
         first = clips[0]["video"]  # (T, C, H, W) uint8
         shape = (len(clips), first.shape[1], first.shape[0], *first.shape[2:])
         videos = [c["video"] for c in clips]
+        if self.normalize == "loader":
+            video = normalize_batch(videos, self.mean, self.std,
+                                    out=_batch_buffer(shape, torch.float32))
+        else:
+            video = stack_clips(videos, out=_batch_buffer(shape, torch.uint8))
         batch: dict[str, Any] = {
-            "video": normalize_batch(videos, self.mean, self.std, out=_batch_buffer(shape)),
+            "video": video,
             "label": torch.tensor([c["label"] for c in clips], dtype=torch.long),
             "key": [c["key"] for c in clips],
         }
@@ -202,10 +211,25 @@ class ClipCollator:
         return batch
 
 
-def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 tensor, in shared memory when called in a worker."""
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor, in shared memory when called in a worker."""
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
-    template = torch.empty(0, dtype=torch.float32)
+        return torch.empty(shape, dtype=dtype)
+    template = torch.empty(0, dtype=dtype)
     storage = template._typed_storage()._new_shared(math.prod(shape), device=template.device)
     return template.new(storage).resize_(shape)
+
+
+class Normalization(Protocol):
+    """What ``model_input`` reads: a ``DataConfig``, or any config with mean and std."""
+    mean: Sequence[float]
+    std: Sequence[float]
+
+
+def model_input(batch: dict[str, Any], device: torch.device | str,
+                data: Normalization) -> torch.Tensor:
+    """The model's input from a batch: ``batch["video"]`` ``(B, C, T, H, W)`` copied to
+    ``device`` (non-blocking; from pinned memory the copy overlaps) and normalised there with
+    ``data.mean`` / ``data.std`` -> float32 ``(B, C, T, H, W)``. A batch normalised by the
+    loader (``data.normalize="loader"``) is only copied."""
+    return normalize_video(batch["video"].to(device, non_blocking=True), data.mean, data.std)

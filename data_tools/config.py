@@ -23,6 +23,7 @@ from runtime.constants import IMAGENET_MEAN, IMAGENET_STD
 # decoder, the samplers, the mask generators) are a Literal over that module's tuple.
 Crop = Literal["auto", "multiscale", "random_resized", "center"]
 RepeatSampling = Literal["shared", "independent"]
+Normalize = Literal["device", "loader"]
 
 # The clip geometry: each data field and the model section's key it is derived from.
 GEOMETRY_MODEL_KEYS = {"num_frames": "num_frames", "input_size": "img_size",
@@ -64,6 +65,12 @@ class DataConfig:
         "per-channel mean for normalisation (0-1 pixel units)"))
     std: tuple[float, float, float] = field(default=IMAGENET_STD, metadata=help_text(
         "per-channel std for normalisation (0-1 pixel units)"))
+    normalize: Normalize = field(default="device", metadata=help_text(
+        "where clips become normalised float32: 'device' - the loader ships uint8 batches (4x "
+        "less shared memory, no float work in the workers) and the consumer normalises after "
+        "the copy to its device (data_tools.clips.model_input), as timm's PrefetchLoader and "
+        "DALI do; 'loader' - the workers ship normalised float32 batches (the old path, for "
+        "consumers that read batch['video'] directly). Both give bit-identical model inputs"))
     batch_size: int = field(default=8, metadata=help_text(
         "clips per batch per rank (repeated clips count individually)"))
     num_workers: int = field(default=4, metadata=help_text("DataLoader worker processes"))

@@ -1,9 +1,11 @@
 """WebDataset video loader: shards -> decoded, sampled, augmented, masked batches.
 
 ``build_loader(cfg, mode)`` (``cfg`` a ``data_tools.config.DataConfig``) returns a
-``VideoLoader``; iterating it gives dict batches: ``video`` float32 ``(B, C, T, H, W)``
-(normalised), ``label`` long ``(B,)``, ``key`` list[str], and depending on mode ``mask`` /
-``decoder_mask`` bool ``(B, N)`` (True = masked) and ``view`` long ``(B,)``.
+``VideoLoader``; iterating it gives dict batches: ``video`` ``(B, C, T, H, W)`` (uint8, or
+normalised float32 with ``data.normalize="loader"``; ``data_tools.clips.model_input`` gives
+the model's float32 input on a device from either), ``label`` long ``(B,)``, ``key``
+list[str], and depending on mode ``mask`` / ``decoder_mask`` bool ``(B, N)`` (True =
+masked) and ``view`` long ``(B,)``.
 
 Modes:
 - ``"pretrain"``: shards resampled with replacement (an infinite stream per worker; with
@@ -192,7 +194,8 @@ def build_loader(cfg: DataConfig, mode: str, rank: int | None = None,
             num_samples = sum(shards.num_samples[rank::world_size])
         stages = [wds.SimpleShardList(rank_urls), wds.split_by_worker,
                   wds.tarfile_to_samples(handler=SkipHandler(stats))]
-    stages += [clip_maker, wds.batched(cfg.batch_size, collation_fn=ClipCollator(cfg.mean, cfg.std),
+    collate = ClipCollator(cfg.mean, cfg.std, cfg.normalize)
+    stages += [clip_maker, wds.batched(cfg.batch_size, collation_fn=collate,
                                        partial=mode not in RESAMPLED_MODES)]
     if batch_masker is not None:
         stages.append(batch_masker)

@@ -3,8 +3,10 @@
 Frames come from the decoders as uint8 ``(T, H, W, 3)``. A crop is a view of that tensor
 (frames of a clip are gathered from the crop only); only the cropped region is resized
 (uint8, bilinear with antialiasing, on the channels-last view, which is torch's fast uint8
-path); flipping happens on the small resized clip. Clips stay uint8 ``(T, C, S, S)`` until
-``normalize_batch`` writes a whole batch of them as float32 ``(B, C, T, S, S)`` in one pass.
+path); flipping happens on the small resized clip. Clips stay uint8 ``(T, C, S, S)``;
+``stack_clips`` gathers a batch of them as uint8 ``(B, C, T, S, S)`` and ``normalize_video``
+turns it into float32 on the consumer's device (``normalize_batch`` does both in one pass on
+the CPU for ``data.normalize="loader"``).
 
 Crops (boxes are ``(top, left, height, width)`` in the decoded frame):
 - ``multiscale_crop_box``: VideoMAE pretraining's multi-scale crop - crop sides drawn from
@@ -106,27 +108,55 @@ def crop_resize(frames: torch.Tensor, box: Box, size: int, flip: bool = False,
     return clip
 
 
-def normalize(clip: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 ``(T, C, H, W)`` -> float32 ``(C, T, H, W)``, ``(x / 255 - mean) / std``."""
-    return normalize_batch([clip], mean, std)[0]
+def stack_clips(clips: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 clips ``(T, C, H, W)`` -> a batch ``(B, C, T, H, W)``, one transposing copy per
+    clip into its slot. ``out`` may be a preallocated batch (e.g. in shared memory) of any
+    dtype: uint8 keeps the pixels, float32 converts them in the same copy (unnormalised)."""
+    first = clips[0]
+    shape = (len(clips), first.shape[1], first.shape[0], *first.shape[2:])
+    out = torch.empty(shape, dtype=first.dtype, device=first.device) if out is None else out
+    for slot, clip in zip(out, clips):
+        slot.copy_(clip.permute(1, 0, 2, 3))
+    return out
+
+
+def normalize_video(video: torch.Tensor, mean: Sequence[float],
+                    std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``(..., C, T, H, W)`` -> float32 ``(x / 255 - mean) / std`` on the tensor's device.
+
+    Float input is taken as already normalised (a batch from a ``data.normalize="loader"``
+    loader) and returned as it is, so a consumer can always call this. The loader's
+    ``"loader"`` mode runs the same arithmetic (``_normalize_in_place``), so both modes give
+    bit-identical model inputs.
+    """
+    if video.is_floating_point():
+        return video
+    if video.dtype != torch.uint8:
+        raise TypeError(f"expected a uint8 or already normalised float video, got {video.dtype}")
+    return _normalize_in_place(video.to(torch.float32), mean, std)
 
 
 def normalize_batch(clips: Sequence[torch.Tensor], mean: Sequence[float], std: Sequence[float],
                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 clips ``(T, C, H, W)`` -> float32 batch ``(B, C, T, H, W)``, ``(x/255 - mean)/std``.
-
-    Each clip is converted and transposed by one copy into its slot, then one multiply and
-    one add run over the contiguous batch; ``out`` may be a preallocated ``(B, C, T, H, W)``
-    float32 tensor (e.g. in shared memory).
-    """
+    """uint8 clips ``(T, C, H, W)`` -> normalised float32 batch ``(B, C, T, H, W)``: the
+    loader's ``data.normalize="loader"`` path, converting while transposing (one copy per clip
+    instead of a uint8 batch and a second conversion pass) into ``out`` (float32, e.g. in
+    shared memory) when given."""
     first = clips[0]
     shape = (len(clips), first.shape[1], first.shape[0], *first.shape[2:])
     out = torch.empty(shape, dtype=torch.float32) if out is None else out
-    for slot, clip in zip(out, clips):
-        slot.copy_(clip.permute(1, 0, 2, 3))
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
-    return out.mul_(1.0 / (255.0 * std_t)).add_(-mean_t / std_t)
+    return _normalize_in_place(stack_clips(clips, out), mean, std)
+
+
+def _normalize_in_place(video: torch.Tensor, mean: Sequence[float],
+                        std: Sequence[float]) -> torch.Tensor:
+    """float32 pixels 0-255 ``(..., C, T, H, W)`` -> ``x * (1 / (255 std)) + (-mean / std)``,
+    in place. The two per-channel constants are computed in float32 on the CPU whatever the
+    device, so every device and both loader modes round identically."""
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1, 1)
+    scale, shift = 1.0 / (255.0 * std_t), -mean_t / std_t
+    return video.mul_(scale.to(video.device)).add_(shift.to(video.device))
 
 
 class ClipTransform:

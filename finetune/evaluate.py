@@ -23,6 +23,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from data_tools.clips import Normalization, model_input
 from runtime.dist import gather_objects
 from runtime.io import atomic_path, atomic_write_text
 from runtime.logging import progress
@@ -225,26 +226,29 @@ def evaluate_logits(stream: Iterable[tuple[Sequence[str], torch.Tensor, torch.Te
 
 
 def model_logits(model: nn.Module, loader: Iterable[dict], device: torch.device | str,
+                 data: Normalization,
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                  desc: str = "eval") -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
-    """Run ``model`` in eval mode over loader batches (``video``, ``label``, ``key``)."""
+    """Run ``model`` in eval mode over loader batches (``video``, ``label``, ``key``), the
+    video normalised on ``device`` with ``data.mean`` / ``data.std`` (``model_input``)."""
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for batch in progress(loader, desc=desc):
                 with autocast():
-                    logits = model(batch["video"].to(device, non_blocking=True))
+                    logits = model(model_input(batch, device, data))
                 yield list(batch["key"]), batch["label"], logits.float()
     finally:
         model.train(was_training)
 
 
 def evaluate(model: nn.Module, loader: Iterable[dict], num_classes: int, *,
-             device: torch.device | str = "cpu",
+             data: Normalization, device: torch.device | str = "cpu",
              autocast: Callable[[], ContextManager] = contextlib.nullcontext,
              out_dir: str | Path | None = None,
              class_names: Sequence[str] | None = None) -> EvalResult:
-    """Video-level evaluation of a classifier over an ``eval`` or ``test_views`` loader."""
-    return evaluate_logits(model_logits(model, loader, device, autocast), num_classes,
+    """Video-level evaluation of a classifier over an ``eval`` or ``test_views`` loader
+    (``data``: the loader's DataConfig, whose mean and std normalise its uint8 batches)."""
+    return evaluate_logits(model_logits(model, loader, device, data, autocast), num_classes,
                            device=device, out_dir=out_dir, class_names=class_names)

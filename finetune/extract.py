@@ -29,6 +29,7 @@ import webdataset as wds
 from safetensors import safe_open
 from torch import nn
 
+from data_tools.clips import Normalization, model_input
 from data_tools.config import DataConfig
 from data_tools.decode import VIDEO_EXTENSIONS, DecodeError, open_video
 from data_tools.loader import build_loader
@@ -123,20 +124,21 @@ def pool_tokens(tokens: torch.Tensor, pool: Pooling) -> torch.Tensor:
     return tokens.mean(dim=1) if pool == "mean" else tokens
 
 
-def extract_clip_features(encoder: nn.Module, loader: Iterable[dict], *,
+def extract_clip_features(encoder: nn.Module, loader: Iterable[dict], *, data: Normalization,
                           device: torch.device | str = "cpu", pool: Pooling = "mean",
                           dtype: torch.dtype = torch.float32,
                           autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                           desc: str = "features") -> FeatureSet:
     """Encoder features of every clip this rank's loader yields (one row per clip/view).
 
-    ``encoder.forward_features(video)`` gives ``(B, N, D)`` tokens after the final norm.
+    ``encoder.forward_features(video)`` gives ``(B, N, D)`` tokens after the final norm; the
+    video is normalised on ``device`` with ``data.mean`` / ``data.std`` (``model_input``).
     """
     encoder.eval()
     keys, labels, views, chunks = [], [], [], []
     with torch.inference_mode():
         for batch in progress(loader, desc=desc):
-            video = batch["video"].to(device, non_blocking=True)
+            video = model_input(batch, device, data)
             with autocast():
                 tokens = encoder.forward_features(video)
             chunks.append(pool_tokens(tokens.float(), pool).to("cpu", dtype))
@@ -205,9 +207,10 @@ def extract_split(encoder: nn.Module, data: DataConfig, shards: str, mode: str, 
     """This rank's rows for ``shards`` read in loader mode ``eval`` (one centred clip per
     video) or ``test_views`` (every view)."""
     world, rank = get_world_size(), get_rank()
-    loader = build_loader(eval_data_config(data, shards, world), mode, rank, world)
-    return extract_clip_features(encoder, loader, device=device, pool=pool, dtype=dtype,
-                                 autocast=autocast_for(precision, device), desc=desc)
+    loader_cfg = eval_data_config(data, shards, world)
+    loader = build_loader(loader_cfg, mode, rank, world)
+    return extract_clip_features(encoder, loader, data=loader_cfg, device=device, pool=pool,
+                                 dtype=dtype, autocast=autocast_for(precision, device), desc=desc)
 
 
 def extract_windows(encoder: nn.Module, shards: str, *, num_frames: int, sampling_rate: int,

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data_tools.clips import ClipCollator, ClipMaker
+from data_tools.clips import ClipCollator, ClipMaker, model_input
 from data_tools.config import DataConfig
 from data_tools.decode import VIDEO_EXTENSIONS
 from data_tools.loader_stats import LoaderStats, SampleError
@@ -155,14 +155,15 @@ def list_videos(source: Path) -> list[tuple[str, Path]]:
 
 
 def video_views(predictor: Predictor, name: str, path: Path) -> torch.Tensor:
-    """The normalised test views ``(V, C, T, H, W)`` of one video file; raises ``SampleError``
-    (or ``OSError``) when it cannot be read."""
+    """The normalised float32 test views ``(V, C, T, H, W)`` of one video file, on the
+    predictor's device; raises ``SampleError`` (or ``OSError``) when it cannot be read."""
     suffix = path.suffix.lower().lstrip(".")
     sample = {"__key__": name, suffix if suffix in VIDEO_EXTENSIONS else "mp4": path.read_bytes(),
               "json": b'{"label": -1}'}
     maker = ClipMaker(predictor.data, "test_views", 0, LoaderStats(1))
     clips = maker.make_clips(sample, np.random.default_rng(0))  # test views draw nothing
-    return ClipCollator(predictor.data.mean, predictor.data.std)(clips)["video"]
+    batch = ClipCollator(predictor.data.mean, predictor.data.std)(clips)  # uint8
+    return model_input(batch, predictor.device, predictor.data)
 
 
 def predict(predictor: Predictor, videos: Sequence[tuple[str, Path]],
@@ -181,7 +182,7 @@ def predict(predictor: Predictor, videos: Sequence[tuple[str, Path]],
             unreadable.append((name, str(err)))
             continue
         with torch.inference_mode(), autocast():
-            logits = predictor.model(views.to(predictor.device))
+            logits = predictor.model(views)
         aggregator.add([name] * len(views), torch.full((len(views),), -1), logits.float())
     return aggregator.result(), unreadable
 

@@ -32,6 +32,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from data_tools.clips import Normalization, model_input
 from data_tools.loader import build_loader
 from data_tools.shard_set import resolve_shards
 from finetune.common import autocast_for, build_model, default_device, resolve_weights
@@ -101,14 +102,15 @@ def cached_features(encoder: nn.Module, cfg: ProbeConfig, split: str, shards: st
 # The frozen encoder in the loop
 
 
-def encoded_batches(encoder: nn.Module, loader, pool: str, precision: str,
+def encoded_batches(encoder: nn.Module, loader, data: Normalization, pool: str, precision: str,
                     device: torch.device, desc: str) -> Iterator[Batch]:
-    """``(keys, labels (B,), features)`` of this rank's loader batches: ``(B, D)`` mean-pooled
-    or ``(B, N, D)`` tokens in float32, computed without gradients."""
+    """``(keys, labels (B,), features)`` of this rank's loader batches (their video normalised
+    on ``device`` with ``data.mean`` / ``data.std``): ``(B, D)`` mean-pooled or ``(B, N, D)``
+    tokens in float32, computed without gradients."""
     autocast = autocast_for(precision, device)
     for batch in progress(loader, desc=desc):
         with torch.no_grad(), autocast():
-            tokens = encoder.forward_features(batch["video"].to(device, non_blocking=True))
+            tokens = encoder.forward_features(model_input(batch, device, data))
         yield list(batch["key"]), batch["label"].long(), pool_tokens(tokens.float(), pool)
 
 
@@ -138,7 +140,7 @@ def _train_online(encoder: nn.Module, cfg: ProbeConfig, grid: ProbeGrid, pool: s
 
     def epoch(index: int) -> Iterator[Batch]:
         loader = _online_loader(cfg, cfg.data.shards, "eval", cfg.probe.batch_size // world)
-        return encoded_batches(encoder, loader, pool, cfg.precision, device,
+        return encoded_batches(encoder, loader, cfg.data, pool, cfg.precision, device,
                                desc=f"probe epoch {index}")
 
     return train_grid(trainer, epoch, shape, run_log)
@@ -194,8 +196,8 @@ def run(cfg: ProbeConfig) -> dict:
                                                      len(classes)), pool, device, run_log)
             val = _online_loader(cfg, cfg.val.shards, val_mode, cfg.val.batch_size,
                                  cfg.val.num_workers)
-            per_head = grid_logits(grid, encoded_batches(encoder, val, pool, cfg.precision,
-                                                         device, "val"), device)
+            per_head = grid_logits(grid, encoded_batches(encoder, val, cfg.data, pool,
+                                                         cfg.precision, device, "val"), device)
             metrics, heads, _ = evaluate_heads(per_head, grid.grid, len(classes),
                                                out_dir=out_dir / "eval", class_names=classes,
                                                collective=True)

@@ -23,6 +23,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from data_tools.clips import model_input
 from data_tools.config import DataConfig
 from data_tools.loader import build_loader
 from data_tools.shard_set import resolve_shards
@@ -103,8 +104,8 @@ def evaluate_split(model: nn.Module, data: DataConfig, shards: str, mode: str, c
     """Video-level metrics of ``model`` over ``shards`` (``eval`` or ``test_views`` mode)."""
     eval_cfg = eval_data_config(data, shards, world_size, cfg.val.batch_size, cfg.val.num_workers)
     loader = build_loader(eval_cfg, mode, rank, world_size)
-    return evaluate(model, loader, num_classes, device=engine.device, autocast=engine.autocast,
-                    out_dir=out_dir, class_names=class_names)
+    return evaluate(model, loader, num_classes, data=eval_cfg, device=engine.device,
+                    autocast=engine.autocast, out_dir=out_dir, class_names=class_names)
 
 
 def export_model(module: VideoViT, path: Path) -> None:
@@ -176,7 +177,7 @@ def run(cfg: FinetuneConfig) -> dict:
             position = next_position(position, stream)
             for batch, wait in timed(stream.segment(position)):
                 position.batch += 1
-                video = batch["video"].to(engine.device, non_blocking=True)
+                video = model_input(batch, engine.device, cfg.data)
                 target = batch["label"].to(engine.device, non_blocking=True)
                 if mixup is not None:
                     video, target = mixup(video, target)  # soft targets (B, K)

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from data_tools.clips import model_input
 from data_tools.shard_set import shard_urls
+from data_tools.config import DataConfig
 from data_tools.stream import rank_data_config, rank_streams, resolve_streams, video_stream
 from models import VideoMAEPretrain, build_pretrain_model, encoder_state_dict
 from models.checkpoint import ENCODER_EXPORT, config_metadata
@@ -41,12 +43,13 @@ from runtime.training import (DataStream, Window, checkpoint_now, close_loop, gl
 
 logger = logging.getLogger(__name__)
 
-def pretrain_step(engine: TrainEngine, batch: dict) -> tuple[float | None, float]:
+def pretrain_step(engine: TrainEngine, batch: dict, data: DataConfig,
+                  ) -> tuple[float | None, float]:
     """Forward and ``engine.step`` on one micro-batch: ``(loss, zero_loss)``, the loss None
     when the step was skipped as non-finite. ``zero_loss`` is the loss of predicting zeros -
     each patch's mean, for a normalised target - the floor a model that learnt nothing
     reaches (with a decoder mask it also counts the few encoder-visible tokens)."""
-    video = batch["video"].to(engine.device, non_blocking=True)
+    video = model_input(batch, engine.device, data)
     # the masks stay on the host: the model turns them into token indices there (no device
     # sync) and copies only the indices over
     extra = {"decoder_mask": batch["decoder_mask"]} if "decoder_mask" in batch else {}
@@ -83,7 +86,7 @@ def save_reconstruction(engine: TrainEngine, cfg: PretrainConfig, batch: dict, s
     """Reconstruction grid of the first ``log.vis_clips`` clips of ``batch`` (main process)."""
     module: VideoMAEPretrain = engine.module
     k = cfg.log.vis_clips
-    video = batch["video"][:k].to(engine.device)
+    video = model_input({"video": batch["video"][:k]}, engine.device, cfg.data)
     mask = batch["mask"][:k].to(engine.device)
     module.eval()
     with engine.autocast():
@@ -150,7 +153,7 @@ def run(cfg: PretrainConfig) -> dict:
             position = next_position(position, stream)
             for batch, wait in timed(stream.segment(position)):
                 position.batch += 1
-                loss, zero_loss = pretrain_step(engine, batch)
+                loss, zero_loss = pretrain_step(engine, batch, cfg.data)
                 window.add(loss, len(batch["video"]), wait, zero_pred_loss=zero_loss)
                 if not engine.last_step_applied:
                     continue

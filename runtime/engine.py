@@ -19,7 +19,8 @@ Checkpoints and exact resume are in ``runtime.checkpoint``. A typical loop::
     state = ckpt.load(engine, tag) if tag else {}
     for batch in loader:
         with engine.autocast():
-            loss = engine(batch["video"].to(engine.device))
+            # uint8 batches are normalised after the copy: data_tools.clips.model_input
+            loss = engine(model_input(batch, engine.device, cfg.data))
         engine.step(loss)
 """
 from __future__ import annotations

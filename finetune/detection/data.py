@@ -9,6 +9,8 @@ the mp4 begins on that timeline. The clip around keyframe frame ``k`` is ``num_f
 frames ``sampling_rate`` apart, ``k`` at position ``num_frames // 2``, clamped to the video.
 
 Frames are resized whole to ``input_size x input_size``, so normalised boxes stay valid.
+Clips stay uint8, as the video loader's (``data_tools.clips``): the consumer normalises a
+batch on its device (``data_tools.clips.model_input`` with this config's mean and std).
 Training yields keyframes with ground-truth actors (boxes optionally jittered and flipped);
 evaluation yields every annotated keyframe once across ranks and workers, with the boxes
 to classify: proposals above the score threshold, or the ground-truth boxes.
@@ -24,7 +26,7 @@ import webdataset as wds
 
 from data_tools.decode import DecodeError, open_video
 from data_tools.shard_set import resolve_shards
-from data_tools.transforms import crop_resize, normalize
+from data_tools.transforms import crop_resize
 from finetune.detection.annotations import AnnotationError, FrameAnnotation, FrameKey
 from finetune.detection.config import AVADataConfig
 from finetune.detection.roi_head import jitter_boxes
@@ -96,7 +98,7 @@ class KeyframeClips:
             flip = self.train and self.cfg.flip and bool(torch.rand((), generator=generator) < 0.5)
             clip = crop_resize(frames[[row[i] for i in indices]], (0, 0, height, width),
                                self.cfg.input_size, flip)
-            example = {"video": normalize(clip, self.cfg.mean, self.cfg.std), "key": key}
+            example = {"video": clip.permute(1, 0, 2, 3), "key": key}  # uint8 (C, T, H, W)
             if self.train:
                 truth = self.annotations[key]
                 boxes = jitter_boxes(truth.boxes, self.cfg.box_jitter, generator)
@@ -146,7 +148,7 @@ def _flip_boxes(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def collate_keyframes(examples: list[dict]) -> dict[str, Any]:
-    """``video (B, C, T, H, W)``, ``boxes`` list of ``(K_b, 4)``, ``key`` list of frame keys
+    """``video (B, C, T, H, W)`` uint8, ``boxes`` list of ``(K_b, 4)``, ``key`` list of frame keys
     and, in training, ``labels (sum K_b, num_classes)`` float."""
     batch: dict[str, Any] = {
         "video": torch.stack([e["video"] for e in examples]),

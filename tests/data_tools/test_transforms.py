@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from data_tools.transforms import (ClipTransform, center_crop_box, crop_resize,
-                                   multiscale_crop_box, normalize, normalize_batch,
-                                   random_resized_crop_box, three_crop_boxes)
+                                   multiscale_crop_box, normalize_batch, normalize_video,
+                                   random_resized_crop_box, stack_clips, three_crop_boxes)
 
 
 @pytest.fixture
@@ -79,17 +79,23 @@ def test_crop_resize_applies_one_box_to_every_frame_and_stays_uint8(frames):
 
 
 def test_normalize_layout_and_values(frames):
-    clip = frames[:, :4, :5].permute(0, 3, 1, 2)
+    clip = frames[:, :4, :5].permute(0, 3, 1, 2)  # (T, C, H, W), channels-last memory
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
-    out = normalize(clip, mean, std)
-    assert out.dtype == torch.float32 and tuple(out.shape) == (3, 8, 4, 5) and out.is_contiguous()
+    pixels = stack_clips([clip, clip.flip(-1)])
+    assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (2, 3, 8, 4, 5)
+    out = normalize_video(pixels, mean, std)
+    assert out.dtype == torch.float32 and out.shape == pixels.shape and out.is_contiguous()
     expected = (frames[:, :4, :5].float() / 255 - torch.tensor(mean)) / torch.tensor(std)
-    torch.testing.assert_close(out, expected.permute(3, 0, 1, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0], expected.permute(3, 0, 1, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], out[0].flip(-1))
+    assert normalize_video(out, mean, std) is out  # already normalised: returned as it is
+    # the loader-side path (convert while gathering, into a given buffer): the same bits
     buffer = torch.full((2, 3, 8, 4, 5), float("nan"))
     batch = normalize_batch([clip, clip.flip(-1)], mean, std, out=buffer)
-    assert batch is buffer and not batch.isnan().any()
-    torch.testing.assert_close(batch[0], out)
-    torch.testing.assert_close(batch[1], out.flip(-1))
+    assert batch is buffer and torch.equal(batch, out)
+    assert torch.equal(normalize_video(pixels[0], mean, std), out[0])  # one clip (C, T, H, W)
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_video(pixels.long(), mean, std)
 
 
 @pytest.mark.parametrize("crop", ["multiscale", "random_resized", "center"])

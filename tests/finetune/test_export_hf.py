@@ -118,7 +118,7 @@ def test_pipeline_top1_equals_the_single_view_evaluation(tiny_run, hf_folder, de
     predictor = load_predictor(tiny_run, "cpu")
     loader = build_loader(eval_data_config(predictor.data, str(demo_root / "val"), 1, 4, 0),
                           "eval", 0, 1)
-    evaluation = evaluate(predictor.model, loader, 10).scores
+    evaluation = evaluate(predictor.model, loader, 10, data=predictor.data).scores
     expected = dict(zip(evaluation.keys, evaluation.scores))
     classes = predictor.class_names
     classify = pipeline("video-classification", model=str(hf_folder), device="cpu")

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from data_tools.clips import model_input
 from data_tools.loader import build_loader
 from finetune.config import ExtractConfig
 from finetune.extract import FeatureSet, load_features, run, save_features
@@ -33,9 +34,10 @@ def test_clip_features_are_the_mean_pooled_encoder_tokens(encoder_file, tiny_mod
     assert manifest["num_samples"] == 20
     assert features.info["config"]["mode"] == "clip"
 
-    batch = next(iter(build_loader(tiny_data_cfg("val", batch_size=20), "eval", 0, 1)))
+    data = tiny_data_cfg("val", batch_size=20)
+    batch = next(iter(build_loader(data, "eval", 0, 1)))
     with torch.inference_mode():
-        expected = model.eval().forward_features(batch["video"]).mean(1)
+        expected = model.eval().forward_features(model_input(batch, "cpu", data)).mean(1)
     row = {key: i for i, key in enumerate(features.keys)}
     order = [row[k] for k in batch["key"]]
     torch.testing.assert_close(features.features[order], expected)

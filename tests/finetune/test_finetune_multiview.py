@@ -12,6 +12,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
+from data_tools.clips import model_input
 from data_tools.loader import build_loader
 from finetune.config import eval_data_config
 from finetune.evaluate import PREDICTIONS_CSV, evaluate
@@ -33,13 +34,15 @@ def make_model(model_cfg):
 def test_multi_view_scores_are_the_mean_of_single_views(tiny_model_cfg, tiny_data_cfg, tmp_path):
     model = make_model(tiny_model_cfg(num_classes=NUM_CLASSES))
     # batches of 4 clips cut through the 6 views of a video
-    loader = build_loader(tiny_data_cfg("val", batch_size=4, **VIEWS), "test_views", 0, 1)
-    result = evaluate(model, loader, NUM_CLASSES, out_dir=tmp_path)
+    data = tiny_data_cfg("val", batch_size=4, **VIEWS)
+    result = evaluate(model, build_loader(data, "test_views", 0, 1), NUM_CLASSES, data=data,
+                      out_dir=tmp_path)
 
     single = defaultdict(dict)  # key -> view -> softmax, one clip at a time
     with torch.inference_mode():
         for batch in build_loader(tiny_data_cfg("val", batch_size=1, **VIEWS), "test_views", 0, 1):
-            single[batch["key"][0]][int(batch["view"])] = model(batch["video"])[0].softmax(-1)
+            logits = model(model_input(batch, "cpu", data))
+            single[batch["key"][0]][int(batch["view"])] = logits[0].softmax(-1)
     scores = result.scores
     assert sorted(scores.keys) == sorted(single) and len(single) == 20
     for key, score, views in zip(scores.keys, scores.scores, scores.num_views):
@@ -65,7 +68,8 @@ def _eval_rank(rank: int, world: int, port: int, model_cfg, data_cfg, out_dir: s
             seen.extend(batch["key"])
             yield batch
 
-    result = evaluate(make_model(model_cfg), recording(loader), NUM_CLASSES, out_dir=out_dir)
+    result = evaluate(make_model(model_cfg), recording(loader), NUM_CLASSES, data=data_cfg,
+                      out_dir=out_dir)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump({"metrics": result.metrics, "has_scores": result.scores is not None,
                    "local_videos": len(set(seen)), "local_clips": len(seen)}, handle)
@@ -77,7 +81,8 @@ def test_two_rank_evaluation_counts_each_video_once(tiny_model_cfg, tiny_data_cf
     data_cfg = tiny_data_cfg("val", batch_size=4, **VIEWS)
     single_dir, multi_dir = tmp_path / "one", tmp_path / "two"
     loader = build_loader(eval_data_config(data_cfg, data_cfg.shards, 1), "test_views", 0, 1)
-    single = evaluate(make_model(model_cfg), loader, NUM_CLASSES, out_dir=single_dir)
+    single = evaluate(make_model(model_cfg), loader, NUM_CLASSES, data=data_cfg,
+                      out_dir=single_dir)
 
     multi_dir.mkdir()
     mp.start_processes(_eval_rank, args=(2, free_port(), model_cfg, data_cfg, str(multi_dir)),

@@ -73,7 +73,7 @@ def test_predictions_equal_the_single_view_evaluation(tiny_run, demo_root, val_v
     predictor = load_predictor(tiny_run, "cpu")
     loader = build_loader(eval_data_config(predictor.data, str(demo_root / "val"), 1, 4, 0),
                           "eval", 0, 1)
-    evaluation = evaluate(predictor.model, loader, 10).scores
+    evaluation = evaluate(predictor.model, loader, 10, data=predictor.data).scores
     expected = dict(zip(evaluation.keys, evaluation.scores))
     result = run(val_videos, tiny_run, topk=3, out=tmp_path / "p.json", device="cpu")
     assert len(result["rows"]) == len(expected) == 20 and not result["unreadable"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data_tools.config import DataConfig
 from data_tools.masking import build_mask_generator
 from models import ModelConfig, VideoMAEPretrain
 from pretrain.train import pretrain_step
@@ -65,6 +66,6 @@ def test_a_zero_prediction_scores_exactly_the_logged_zero_pred_loss(tmp_path, pr
     engine = create_engine(model, EngineConfig(precision="fp32", zero_stage=0),
                            OptimConfig(base_lr=1e-3, warmup_epochs=0, epochs=1), 4, 1, tmp_path, 1)
     batch = {"video": _smooth_clips(cfg, 4, seed=1), "mask": _tube_masks(cfg, 4, 0.9, seed=1)}
-    loss, zero_loss = pretrain_step(engine, batch)
+    loss, zero_loss = pretrain_step(engine, batch, DataConfig())  # float: as is
     assert zero_loss > 0.5
     assert loss == zero_loss

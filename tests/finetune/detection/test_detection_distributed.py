@@ -38,7 +38,7 @@ def scored(shards: list[str], rank: int, world_size: int) -> dict:
     truth = annotations(4)
     loader, _ = build_keyframe_loader(CFG, "::".join(shards), truth, False, rank, world_size,
                                       seed=0, test_boxes={k: a.boxes for k, a in truth.items()})
-    return predict(make_model(), loader, torch.device("cpu"), contextlib.nullcontext)
+    return predict(make_model(), loader, torch.device("cpu"), contextlib.nullcontext, CFG)
 
 
 def worker(rank: int, port: int, shards: list[str], out_dir: str) -> None:
