@@ -7,8 +7,8 @@ removed first, so every figure in the final table is computed in this invocation
 2. pretrain a tiny VideoMAE on the training shards (DeepSpeed, single process); its final
    reconstruction loss is shown next to the loss of predicting zeros (each patch's mean), the
    level a model that learnt nothing reaches;
-3. linear and attentive (4 blocks, best of a 2-lr grid) probes on frozen features: the
-   pretrained encoder vs a randomly initialised one;
+3. linear, attentive (V-JEPA's one block) and 4-block attentive (V-JEPA 2, best of a 2-lr
+   grid) probes on frozen features: the pretrained encoder vs a randomly initialised one;
 4. fine-tune the pretrained encoder with ``space_only``, ``joint`` and ``divided`` attention,
    and ``joint`` from random initialisation (what pretraining adds to fine-tuning);
 5. spatio-temporal (AVA-style) and temporal action detection on the demo detection sets.
@@ -39,16 +39,27 @@ logger = logging.getLogger("demo")
 
 FINETUNE_ATTENTIONS = ("space_only", "joint", "divided")
 SCRATCH_ATTENTION = "joint"  # also fine-tuned from random initialisation, the control
-PROBES = {  # stage name -> (kind, encoder): pretrained or random init ("")
-    "probe_pretrained": ("linear", "pretrained"), "probe_random": ("linear", "random"),
-    "attentive_pretrained": ("attentive", "pretrained"),
-    "attentive_random": ("attentive", "random"),
+# Probe rows: row label -> overrides of configs/finetune/probe_demo.yaml (a linear probe).
+PROBE_KINDS = {
+    "linear probe": (),
+    # V-JEPA's attentive probe: one cross-attention block, 20 epochs
+    "attentive probe, 1 block": ("probe.kind=attentive", "probe.blocks=1",
+                                 "probe.weight_decays=[0.01]", "probe.epochs=20"),
+    # V-JEPA 2's 4-block probe, best of a 2-lr grid, cut to 2 epochs for the demo's time: its
+    # 3 self-attention blocks over all tokens cost more than this tiny encoder's 2, and 480
+    # training clips in 2 epochs leave it under-trained (docs/finetune.md, bench/RESULTS.md)
+    "attentive probe, 4 blocks, 2 epochs": (
+        "probe.kind=attentive", "probe.blocks=4", "probe.lrs=[0.001,0.003]",
+        "probe.weight_decays=[0.01]", "probe.epochs=2", "probe.warmup_epochs=0"),
 }
-# V-JEPA 2's 4-block attentive probe, best of a 2-lr grid. Cut to 2 epochs to fit the demo's
-# time: the 4-block grid costs 2.1x the CPU of the former 1-block, 20-epoch probe's training
-# and evaluation even so (bench/demo_probes.py), and is under-trained (docs/finetune.md).
-ATTENTIVE_OVERRIDES = ("probe.kind=attentive", "probe.blocks=4", "probe.lrs=[0.001,0.003]",
-                       "probe.weight_decays=[0.01]", "probe.epochs=2", "probe.warmup_epochs=0")
+PROBES = {  # stage name -> (row label in PROBE_KINDS, encoder: pretrained or random init)
+    "probe_pretrained": ("linear probe", "pretrained"),
+    "probe_random": ("linear probe", "random"),
+    "attentive_pretrained": ("attentive probe, 1 block", "pretrained"),
+    "attentive_random": ("attentive probe, 1 block", "random"),
+    "attentive4_pretrained": ("attentive probe, 4 blocks, 2 epochs", "pretrained"),
+    "attentive4_random": ("attentive probe, 4 blocks, 2 epochs", "random"),
+}
 DETECTION_ENCODERS = {"pretrained": "pretrained", "random": "random init"}
 DETECTION_ROWS = (  # (results key, metric, what the row measures, encoder-free baseline)
     ("ava/frame_mAP@0.5", "AVA-style frame mAP@0.5 %", "encoder fine-tuned with the RoI head",
@@ -88,13 +99,14 @@ def pretrain(out: Path, data_dir: Path, quick: bool, seed: int) -> dict:
 
 
 def probe(out: Path, data_dir: Path, weights: str, name: str, kind: str, seed: int) -> dict:
+    """The probe row ``kind`` (a key of ``PROBE_KINDS``) on ``weights`` ("" = random init)."""
     from finetune.config import ProbeConfig
     from finetune.probe import run
 
     cfg = _config(ProbeConfig, "finetune/probe_demo.yaml", [
         f"weights={weights}", f"out_dir={out / name}", f"data.shards={data_dir / 'train'}",
         f"seed={seed}",
-        f"val.shards={data_dir / 'val'}", *(ATTENTIVE_OVERRIDES if kind == "attentive" else ())])
+        f"val.shards={data_dir / 'val'}", *PROBE_KINDS[kind]])
     return run(cfg)
 
 
@@ -154,7 +166,7 @@ def result_rows(results: dict) -> list[dict]:
     for name, (kind, encoder) in PROBES.items():
         if name in results:
             label = "pretrained (VideoMAE)" if encoder == "pretrained" else "random init"
-            rows.append((f"{kind} probe", label, "val top-1 %", pct(results[name]["top1"])))
+            rows.append((kind, label, "val top-1 %", pct(results[name]["top1"])))
     for attention in FINETUNE_ATTENTIONS:
         key = f"finetune_{attention}"
         if key in results:
@@ -220,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = run["out_dir"]
     for name, (kind, encoder) in PROBES.items():
         source = weights if encoder == "pretrained" else ""
-        results[name] = _timed(f"{kind} probe ({encoder})",
+        results[name] = _timed(f"{kind} ({encoder})",
                                lambda: probe(out, data_dir, source, name, kind, args.seed), timings)
     for attention in FINETUNE_ATTENTIONS:
         name = f"finetune_{attention}"

@@ -19,6 +19,7 @@ def test_results_table_reports_every_stage_that_ran():
         "probe_pretrained": {"top1": 0.4},
         "probe_random": {"top1": 0.125},
         "attentive_pretrained": {"top1": 0.45},
+        "attentive4_random": {"top1": 0.1},
         "pretrain": {"loss": 0.97123, "zero_pred_loss": 0.98437, "out_dir": "x"},
         "finetune_joint": {"top1": 0.5},
         "finetune_joint_random": {"top1": 0.375},
@@ -31,8 +32,11 @@ def test_results_table_reports_every_stage_that_ran():
     rows = [tuple(cell.strip() for cell in line.strip("|").split("|")) for line in table[2:]]
     assert ("linear probe", "pretrained (VideoMAE)", "val top-1 %", "40.0") in rows
     assert ("linear probe", "random init", "val top-1 %", "12.5") in rows
-    assert ("attentive probe", "pretrained (VideoMAE)", "val top-1 %", "45.0") in rows
-    assert not any(r[:2] == ("attentive probe", "random init") for r in rows)
+    assert ("attentive probe, 1 block", "pretrained (VideoMAE)", "val top-1 %", "45.0") in rows
+    assert not any(r[:2] == ("attentive probe, 1 block", "random init") for r in rows)
+    assert ("attentive probe, 4 blocks, 2 epochs", "random init", "val top-1 %", "10.0") in rows
+    assert not any(r[:2] == ("attentive probe, 4 blocks, 2 epochs", "pretrained (VideoMAE)")
+                   for r in rows)
     assert ("fine-tune", "joint, pretrained", "val top-1 %", "50.0") in rows
     assert ("fine-tune", "joint, random init", "val top-1 %", "37.5") in rows
     pretraining = [r for r in rows if r[0] == "pretraining"]
