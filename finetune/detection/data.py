@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 import webdataset as wds
 
-from data_tools.decode import DecodeError, open_video
+from data_tools.decode import VIDEO_EXTENSIONS, DecodeError, open_video, video_member
 from data_tools.shard_set import resolve_shards
 from data_tools.transforms import crop_resize
 from finetune.detection.annotations import AnnotationError, FrameAnnotation, FrameKey
@@ -73,7 +73,7 @@ class KeyframeClips:
         if not wanted:
             return []
         try:
-            reader = open_video(sample["mp4"], self.cfg.backend, num_threads=1)
+            reader = open_video(video_member(sample)[1], self.cfg.backend, num_threads=1)
             fps, start = reader.fps, float(meta.get("source_start", 0.0))
             clips = {}
             for key in wanted:
@@ -132,8 +132,9 @@ class KeyframeClips:
 
     @staticmethod
     def _meta(sample: dict, where: str) -> dict:
-        if "mp4" not in sample or "json" not in sample:
-            raise AnnotationError(where, "sample needs .mp4 and .json members")
+        if video_member(sample) is None or "json" not in sample:
+            raise AnnotationError(where, "sample needs a video member (one of "
+                                  f"{', '.join(VIDEO_EXTENSIONS)}) and a .json member")
         try:
             meta = json.loads(sample["json"])
         except ValueError as err:
