@@ -20,16 +20,14 @@ import torch
 
 from data_tools.decode import open_video
 from data_tools.loader import build_loader
-from finetune.config import FinetuneConfig, ValConfig, eval_data_config
+from finetune.config import eval_data_config
 from finetune.evaluate import evaluate
 from finetune.export_hf import main as export_main
 from finetune.export_hf import sampling_differences
 from finetune.predict import load_predictor, video_views
 from finetune.train import export_model
-from finetune.train import run as finetune
 from models import ModelConfig, VideoViT
-from runtime.checkpoint import CheckpointConfig
-from runtime.engine import EngineConfig
+from tests.finetune.helpers import tiny_classifier_run
 from runtime.errors import run_command
 
 
@@ -39,26 +37,8 @@ def tiny_run(demo_root, tmp_path_factory) -> Path:
     then randomised so that the clips get different predictions (two steps from scratch
     predict one class for all)."""
     out = tmp_path_factory.mktemp("hf_run")
-    base = FinetuneConfig()
-    finetune(FinetuneConfig(
-        pretrained="", out_dir=str(out), max_steps=2,
-        model=dataclasses.replace(base.model, size="micro", img_size=32, patch_size=16,
-                                  num_frames=8, drop_path_rate=0.0),
-        data=dataclasses.replace(base.data, shards=str(demo_root / "train"), sampling_rate=2,
-                                 batch_size=4, num_workers=0, shuffle_buffer=8,
-                                 mean=(0.45, 0.45, 0.45), std=(0.25, 0.25, 0.25)),
-        val=ValConfig(shards=str(demo_root / "val"), every_epochs=0, test_views=False),
-        optim=dataclasses.replace(base.optim, epochs=1, warmup_epochs=0.5),
-        engine=EngineConfig(precision="fp32", zero_stage=0),
-        checkpoint=CheckpointConfig(every_steps=0, resume=""),
-        log=dataclasses.replace(base.log, tensorboard=False)))
-    model = load_predictor(out, "cpu").model
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=gen) * 0.5)
-    export_model(model, out / "model.safetensors")
-    return out
+    return tiny_classifier_run(out, demo_root, mean=(0.45, 0.45, 0.45),
+                               std=(0.25, 0.25, 0.25))
 
 
 @pytest.fixture(scope="module")
