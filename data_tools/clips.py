@@ -4,7 +4,8 @@
 A clip dict holds ``video`` uint8 ``(T, C, H, W)``, ``label`` int, ``key`` str, and, depending
 on the mode, ``mask`` / ``decoder_mask`` bool ``(N,)`` (True = masked) and ``view`` int. A
 batch holds ``video`` ``(B, C, T, H, W)`` - uint8 pixels with ``data.normalize="device"``
-(the default), normalised float32 with ``"loader"`` -, ``label`` long ``(B,)``, ``key``
+(the default; a view of channels-last ``(B, T, H, W, C)`` memory, not contiguous),
+normalised float32 with ``"loader"`` -, ``label`` long ``(B,)``, ``key``
 list[str], and ``mask`` / ``decoder_mask`` bool ``(B, N)``, ``view`` long ``(B,)`` when the
 clips have them. ``model_input`` turns a batch's video into the model's float32 input on a
 device in either case. The modes are those of ``data_tools.loader``.
@@ -197,7 +198,7 @@ class ClipCollator:
             video = normalize_batch(videos, self.mean, self.std,
                                     out=_batch_buffer(shape, torch.float32))
         else:
-            video = stack_clips(videos, out=_batch_buffer(shape, torch.uint8))
+            video = stack_clips(videos, out=_batch_buffer(shape, torch.uint8, channels_last=True))
         batch: dict[str, Any] = {
             "video": video,
             "label": torch.tensor([c["label"] for c in clips], dtype=torch.long),
@@ -211,13 +212,23 @@ class ClipCollator:
         return batch
 
 
-def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor, in shared memory when called in a worker."""
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype,
+                  channels_last: bool = False) -> torch.Tensor:
+    """An uninitialised ``(B, C, T, H, W)`` tensor, in shared memory when called in a worker.
+
+    ``channels_last`` lays it out as ``(B, T, H, W, C)`` in memory (returned as a permuted
+    view): the crops are channels-last already, so filling a slot is a plain copy instead of
+    a transposing one; ``model_input`` makes the batch contiguous on the consumer's device.
+    """
+    batch, channels, *rest = shape
+    memory_shape = (batch, *rest, channels) if channels_last else shape
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    template = torch.empty(0, dtype=dtype)
-    storage = template._typed_storage()._new_shared(math.prod(shape), device=template.device)
-    return template.new(storage).resize_(shape)
+        buffer = torch.empty(memory_shape, dtype=dtype)
+    else:
+        template = torch.empty(0, dtype=dtype)
+        storage = template._typed_storage()._new_shared(math.prod(shape), device=template.device)
+        buffer = template.new(storage).resize_(memory_shape)
+    return buffer.permute(0, 4, 1, 2, 3) if channels_last else buffer
 
 
 class Normalization(Protocol):
@@ -230,6 +241,8 @@ def model_input(batch: dict[str, Any], device: torch.device | str,
                 data: Normalization) -> torch.Tensor:
     """The model's input from a batch: ``batch["video"]`` ``(B, C, T, H, W)`` copied to
     ``device`` (non-blocking; from pinned memory the copy overlaps) and normalised there with
-    ``data.mean`` / ``data.std`` -> float32 ``(B, C, T, H, W)``. A batch normalised by the
-    loader (``data.normalize="loader"``) is only copied."""
+    ``data.mean`` / ``data.std`` -> contiguous float32 ``(B, C, T, H, W)``. A uint8 batch may
+    be a channels-last view (``ClipCollator``): it is copied as laid out and made contiguous
+    by the conversion on ``device``. A batch normalised by the loader
+    (``data.normalize="loader"``) is only copied."""
     return normalize_video(batch["video"].to(device, non_blocking=True), data.mean, data.std)

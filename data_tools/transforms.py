@@ -122,7 +122,8 @@ def stack_clips(clips: Sequence[torch.Tensor], out: torch.Tensor | None = None) 
 
 def normalize_video(video: torch.Tensor, mean: Sequence[float],
                     std: Sequence[float]) -> torch.Tensor:
-    """uint8 ``(..., C, T, H, W)`` -> float32 ``(x / 255 - mean) / std`` on the tensor's device.
+    """uint8 ``(..., C, T, H, W)`` (any strides) -> contiguous float32
+    ``(x / 255 - mean) / std`` on the tensor's device.
 
     Float input is taken as already normalised (a batch from a ``data.normalize="loader"``
     loader) and returned as it is, so a consumer can always call this. The loader's
@@ -133,7 +134,8 @@ def normalize_video(video: torch.Tensor, mean: Sequence[float],
         return video
     if video.dtype != torch.uint8:
         raise TypeError(f"expected a uint8 or already normalised float video, got {video.dtype}")
-    return _normalize_in_place(video.to(torch.float32), mean, std)
+    as_float = video.to(torch.float32, memory_format=torch.contiguous_format)
+    return _normalize_in_place(as_float, mean, std)
 
 
 def normalize_batch(clips: Sequence[torch.Tensor], mean: Sequence[float], std: Sequence[float],

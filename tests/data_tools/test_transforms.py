@@ -94,6 +94,14 @@ def test_normalize_layout_and_values(frames):
     batch = normalize_batch([clip, clip.flip(-1)], mean, std, out=buffer)
     assert batch is buffer and torch.equal(batch, out)
     assert torch.equal(normalize_video(pixels[0], mean, std), out[0])  # one clip (C, T, H, W)
+    # a batch gathered into channels-last memory (as ClipCollator does): a (B, C, T, H, W)
+    # view that normalises to the same contiguous bits
+    channels_last = stack_clips([clip, clip.flip(-1)],
+                                out=torch.empty(2, 8, 4, 5, 3, dtype=torch.uint8)
+                                .permute(0, 4, 1, 2, 3))
+    assert not channels_last.is_contiguous() and torch.equal(channels_last, pixels)
+    from_view = normalize_video(channels_last, mean, std)
+    assert from_view.is_contiguous() and torch.equal(from_view, out)
     with pytest.raises(TypeError, match="uint8"):
         normalize_video(pixels.long(), mean, std)
 
