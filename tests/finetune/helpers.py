@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tarfile
 from pathlib import Path
 
 import torch
@@ -38,4 +39,14 @@ def tiny_classifier_run(out: Path, demo_root: Path, **data_overrides) -> Path:
         for param in model.parameters():
             param.add_(torch.randn(param.shape, generator=gen) * 0.5)
     export_model(model, out / "model.safetensors")
+    return out
+
+
+def extract_val_videos(demo_root: Path, out: Path) -> Path:
+    """The demo validation shards' mp4 members written to ``out`` as files ``<key>.mp4``."""
+    for shard in sorted((demo_root / "val").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".mp4"):
+                    (out / Path(member.name).name).write_bytes(tar.extractfile(member).read())
     return out

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from finetune.export_hf import sampling_differences
 from finetune.predict import load_predictor, video_views
 from finetune.train import export_model
 from models import ModelConfig, VideoViT
-from tests.finetune.helpers import tiny_classifier_run
+from tests.finetune.helpers import extract_val_videos, tiny_classifier_run
 from runtime.errors import run_command
 
 
@@ -52,12 +51,7 @@ def hf_folder(tiny_run, tmp_path_factory) -> Path:
 def val_videos(demo_root, tmp_path_factory) -> Path:
     """The validation shards' mp4 members as files ``<key>.mp4``."""
     out = tmp_path_factory.mktemp("hf_videos")
-    for shard in sorted((demo_root / "val").glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".mp4"):
-                    (out / Path(member.name).name).write_bytes(tar.extractfile(member).read())
-    return out
+    return extract_val_videos(demo_root, out)
 
 
 def test_folder_carries_the_runs_class_names_and_preprocessing(hf_folder, demo_root):

@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from finetune.evaluate import evaluate
 from finetune.predict import load_predictor, main, run
 from models import ModelConfig, VideoViT
 from models.checkpoint import save_project_checkpoint
-from tests.finetune.helpers import tiny_classifier_run
+from tests.finetune.helpers import extract_val_videos, tiny_classifier_run
 from runtime.errors import InputError, run_command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,12 +36,7 @@ def tiny_run(demo_root, tmp_path_factory) -> Path:
 def val_videos(demo_root, tmp_path_factory) -> Path:
     """The validation shards' mp4 members as files ``<key>.mp4``."""
     out = tmp_path_factory.mktemp("predict_videos")
-    for shard in sorted((demo_root / "val").glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".mp4"):
-                    (out / Path(member.name).name).write_bytes(tar.extractfile(member).read())
-    return out
+    return extract_val_videos(demo_root, out)
 
 
 def test_predictions_equal_the_single_view_evaluation(tiny_run, demo_root, val_videos,
