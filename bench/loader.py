@@ -5,7 +5,8 @@ Reads 16-frame clips at stride 4 from a random start, multi-scale crop to 224x22
 176x144 H.264; two of them have a single keyframe, one a keyframe every 30-60 frames).
 
 Today's rows (the baseline, decoded with ``--baseline-backend``, decord: what ``"auto"`` was;
-float32 batches normalised in the worker, ``data.normalize="loader"``, as the collator did):
+float32 batches normalised in the worker, ``data.normalize="loader"``, and a new shared-memory
+segment per batch, ``data.batch_buffers=0``, as the collator did):
 
 - (a) ``source``: the files stored as they are (the official VideoMAE way: full resolution,
   long keyframe intervals), one clip per decoded video;
@@ -24,7 +25,9 @@ after the copy to its device, work this bench does not count):
 - (d) ``default`` (one clip per video; compared with (b)) and (e) ``default, repeat=4``
   (compared with (c));
 - (d') / (e'): the same storage and decoder with float32 batches normalised in the worker
-  (``normalize="loader"``), which splits each gain into storage + decoder and uint8 batches.
+  (``normalize="loader"``), which splits each gain into storage + decoder and uint8 batches;
+- (d'') / (e''): the defaults with a new shared-memory segment per batch
+  (``data.batch_buffers=0``) instead of refilling released ones.
 
 ``--levers`` adds one row per storage / decoder choice (repeat=4 and 1), to choose the
 defaults by measurement: frames stored at the sampling stride, the keyframe interval, the
@@ -145,7 +148,8 @@ def settings(args) -> list[tuple[str, str, ReencodeOptions | None, DataConfig]]:
     geometry = dict(num_frames=16, sampling_rate=4, input_size=224, patch_size=16,
                     tubelet_size=2, batch_size=args.batch_size, shuffle_buffer=8,
                     mask_type="tube")
-    today = DataConfig(**geometry, backend=args.baseline_backend, normalize="loader")
+    today = DataConfig(**geometry, backend=args.baseline_backend, normalize="loader",
+                       batch_buffers=0)
     default = DataConfig(**geometry)
     rows = [
         ("(a) source", "source", None, today),
@@ -160,6 +164,10 @@ def settings(args) -> list[tuple[str, str, ReencodeOptions | None, DataConfig]]:
          replace(default, normalize="loader")),
         ("(e') default, repeat=4, float32 batches", "default", ReencodeOptions(),
          replace(default, repeat=4, normalize="loader")),
+        ("(d'') default, a segment per batch", "default", ReencodeOptions(),
+         replace(default, batch_buffers=0)),
+        ("(e'') default, repeat=4, a segment per batch", "default", ReencodeOptions(),
+         replace(default, repeat=4, batch_buffers=0)),
     ]
     if args.levers:
         installed = [b for b in AUTO_ORDER if backend_available(b)]
@@ -210,7 +218,9 @@ def main(argv=None) -> list[dict]:
     by_name = {(r["setting"], r["workers"]): r["clips_per_cpu_s"] for r in rows}
     reference = {"(d) default": "(b) reencoded", "(e) default, repeat=4": "(c) reencoded, repeat=4",
                  "(d') default, float32 batches": "(b) reencoded",
-                 "(e') default, repeat=4, float32 batches": "(c) reencoded, repeat=4"}
+                 "(e') default, repeat=4, float32 batches": "(c) reencoded, repeat=4",
+                 "(d'') default, a segment per batch": "(b) reencoded",
+                 "(e'') default, repeat=4, a segment per batch": "(c) reencoded, repeat=4"}
     print(f"\n{cpu_model()} ({os.cpu_count()} CPUs), load average {os.getloadavg()[0]:.1f}, "
           f"torch {torch.__version__}, decord {package_version('decord') or '-'}, "
           f"decord2 {package_version('decord2') or '-'}, av {package_version('av')}, "

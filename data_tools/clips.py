@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from data_tools import sampling
+from data_tools.batch_buffers import BatchBuffers, LeasedBatch, new_shared
 from data_tools.config import DataConfig, Normalize
 from data_tools.decode import (VIDEO_EXTENSIONS, DecodeError, backend_chain, close_reader,
                                open_video, video_member)
@@ -181,24 +181,32 @@ def _call_mask_generator(generator, rng: torch.Generator) -> torch.Tensor:
 
 
 class ClipCollator:
-    """Clip dicts -> a batch. The clips are written straight into the batch tensor, allocated
-    in shared memory inside a worker (as ``default_collate`` does), so handing the batch to
-    the main process copies nothing: uint8 with ``normalize="device"``, normalised float32
-    (4x the bytes, converted in the worker) with ``normalize="loader"``."""
+    """Clip dicts -> a batch. The clips are written straight into the batch tensor: uint8
+    with ``normalize="device"``, normalised float32 (4x the bytes, converted in the worker)
+    with ``normalize="loader"``. Inside a DataLoader worker that tensor is shared memory (as
+    ``default_collate`` makes it), so handing the batch to the main process copies nothing;
+    with ``buffers`` the worker refills a buffer the main process has let go of instead of
+    making a new segment per batch (``data_tools.batch_buffers``)."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...],
-                 normalize: Normalize = "device"):
+                 normalize: Normalize = "device", buffers: BatchBuffers | None = None):
         self.mean, self.std, self.normalize = mean, std, normalize
+        self.buffers = buffers
 
     def __call__(self, clips: list[dict]) -> dict[str, Any]:
         first = clips[0]["video"]  # (T, C, H, W) uint8
-        shape = (len(clips), first.shape[1], first.shape[0], *first.shape[2:])
+        num_frames, channels, height, width = first.shape
         videos = [c["video"] for c in clips]
         if self.normalize == "loader":
-            video = normalize_batch(videos, self.mean, self.std,
-                                    out=_batch_buffer(shape, torch.float32))
+            memory, lease = self._buffer((len(clips), channels, num_frames, height, width),
+                                         torch.float32)
+            video = normalize_batch(videos, self.mean, self.std, out=memory)
         else:
-            video = stack_clips(videos, out=_batch_buffer(shape, torch.uint8, channels_last=True))
+            # (B, T, H, W, C) memory: the crops are channels-last already, so filling a slot
+            # is a plain copy; model_input makes the batch contiguous on the consumer's device
+            memory, lease = self._buffer((len(clips), num_frames, height, width, channels),
+                                         torch.uint8)
+            video = stack_clips(videos, out=memory.permute(0, 4, 1, 2, 3))
         batch: dict[str, Any] = {
             "video": video,
             "label": torch.tensor([c["label"] for c in clips], dtype=torch.long),
@@ -209,26 +217,16 @@ class ClipCollator:
                 batch[name] = torch.stack([c[name] for c in clips])
         if "view" in clips[0]:
             batch["view"] = torch.tensor([c["view"] for c in clips], dtype=torch.long)
-        return batch
+        return batch if lease is None else LeasedBatch(batch, lease)
 
-
-def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype,
-                  channels_last: bool = False) -> torch.Tensor:
-    """An uninitialised ``(B, C, T, H, W)`` tensor, in shared memory when called in a worker.
-
-    ``channels_last`` lays it out as ``(B, T, H, W, C)`` in memory (returned as a permuted
-    view): the crops are channels-last already, so filling a slot is a plain copy instead of
-    a transposing one; ``model_input`` makes the batch contiguous on the consumer's device.
-    """
-    batch, channels, *rest = shape
-    memory_shape = (batch, *rest, channels) if channels_last else shape
-    if get_worker_info() is None:
-        buffer = torch.empty(memory_shape, dtype=dtype)
-    else:
-        template = torch.empty(0, dtype=dtype)
-        storage = template._typed_storage()._new_shared(math.prod(shape), device=template.device)
-        buffer = template.new(storage).resize_(memory_shape)
-    return buffer.permute(0, 4, 1, 2, 3) if channels_last else buffer
+    def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype):
+        """An uninitialised contiguous tensor and its lease (None when not pooled): shared
+        memory inside a worker, ordinary memory in the main process."""
+        if self.buffers is not None:
+            return self.buffers.take(shape, dtype)
+        if get_worker_info() is None:
+            return torch.empty(shape, dtype=dtype), None
+        return new_shared(shape, dtype), None
 
 
 class Normalization(Protocol):

@@ -77,6 +77,11 @@ class DataConfig:
     timeout_s: float = field(default=300.0, metadata=help_text(
         "with num_workers > 0: stop with an error naming the shard and key a worker is stuck "
         "on when no batch arrives for this many seconds (a hung decoder); 0 = wait forever"))
+    batch_buffers: int = field(default=6, metadata=help_text(
+        "with num_workers > 0: shared-memory batch buffers each worker keeps and refills once "
+        "no tensor of the consumer uses them (freed with the last view of the batch's video), "
+        "instead of a new segment per batch; 0 = a new segment per batch (default_collate's "
+        "way). Memory: up to this many batches per worker stay mapped"))
     shuffle_buffer: int = field(default=200, metadata=help_text(
         "samples held per worker for shuffling in pretrain/train (encoded bytes)"))
     epoch_samples: int = field(default=0, metadata=help_text(
@@ -136,7 +141,8 @@ class DataConfig:
                      "batch_size", "repeat", "tubelet_size", "patch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("short_side", "num_workers", "shuffle_buffer", "epoch_samples", "timeout_s"):
+        for name in ("short_side", "num_workers", "shuffle_buffer", "epoch_samples", "timeout_s",
+                     "batch_buffers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.num_test_crops not in (1, 3):

@@ -44,6 +44,7 @@ from typing import Any, Iterator
 import torch
 import webdataset as wds
 
+from data_tools.batch_buffers import BatchBuffers
 from data_tools.clips import MODES, RESAMPLED_MODES, ClipCollator, ClipMaker
 from data_tools.config import DataConfig
 from data_tools.loader_stats import LoaderStats, SkipHandler
@@ -68,9 +69,11 @@ class VideoLoader:
 
     def __init__(self, loader: wds.WebLoader, stats: LoaderStats, cfg: DataConfig, mode: str,
                  rank: int, world_size: int, num_batches: int | None = None,
-                 num_samples: int | None = None, watch: WorkerWatch | None = None):
+                 num_samples: int | None = None, watch: WorkerWatch | None = None,
+                 batch_buffers: BatchBuffers | None = None):
         self.loader, self._stats, self.cfg, self.mode = loader, stats, cfg, mode
         self.watch = watch
+        self.batch_buffers = batch_buffers  # the workers' pooled batch memory (or None)
         self.rank, self.world_size = rank, world_size
         self.num_batches, self.num_samples = num_batches, num_samples
         self.epoch = 0
@@ -194,7 +197,9 @@ def build_loader(cfg: DataConfig, mode: str, rank: int | None = None,
             num_samples = sum(shards.num_samples[rank::world_size])
         stages = [wds.SimpleShardList(rank_urls), wds.split_by_worker,
                   wds.tarfile_to_samples(handler=SkipHandler(stats))]
-    collate = ClipCollator(cfg.mean, cfg.std, cfg.normalize)
+    batch_buffers = (BatchBuffers(cfg.num_workers, cfg.batch_buffers)
+                     if cfg.num_workers > 0 and cfg.batch_buffers > 0 else None)
+    collate = ClipCollator(cfg.mean, cfg.std, cfg.normalize, batch_buffers)
     stages += [clip_maker, wds.batched(cfg.batch_size, collation_fn=collate,
                                        partial=mode not in RESAMPLED_MODES)]
     if batch_masker is not None:
@@ -210,5 +215,5 @@ def build_loader(cfg: DataConfig, mode: str, rank: int | None = None,
     if num_batches is not None:
         loader = loader.with_epoch(num_batches)
     return VideoLoader(loader, stats, cfg, mode, rank, world_size, num_batches, num_samples,
-                       clip_maker.watch)
+                       clip_maker.watch, batch_buffers)
 
