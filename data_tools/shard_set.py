@@ -95,8 +95,9 @@ def shard_sources(spec: ShardSpec) -> list[ShardSource]:
                              "without '/'")
         if not isinstance(entry, Mapping) or set(entry) != {"path", "weight"}:
             raise ValueError(f"{where} must be a mapping with exactly the keys 'path' and "
-                             f"'weight', got {entry!r} (an override of data.shards replaces "
-                             "the whole mapping: give every set with its path and weight)")
+                             f"'weight', got {entry!r} (data.shards.{name}.path=... and "
+                             f"data.shards.{name}.weight=... change one set; a new set needs "
+                             "both)")
         path, weight = entry["path"], entry["weight"]
         if not isinstance(path, str) or not path:
             raise ValueError(f"{where}.path must be a non-empty shard path, got {path!r}")

@@ -6,6 +6,8 @@ A stage config is a tree of ``@dataclass``es. Every field carries its ``--help``
 this order: dataclass defaults, the YAML file given with ``--config``, then overrides
 (``model.depth=4``, ``--set model.depth=4`` or ``--model.depth 4``). Each value is checked
 against the field's type annotation and unknown keys are rejected with the list of valid ones.
+A mapping-valued field is replaced by a new value (``data.shards={...}``), while an override
+whose key goes into the mapping changes that entry only (``data.shards.k710.path=/new``).
 After all merges, a config object that defines ``resolve()`` is replaced by
 ``cfg.resolve()``: the hook that fills in derived values (e.g. the data section's clip
 geometry from the model section), so they follow every override; it must be idempotent, and
@@ -138,8 +140,13 @@ def check_choices(cfg: Any, section: str = "") -> None:
                              f"{list(typing.get_args(tp))}")
 
 
-def _merge(cfg: T, updates: dict, where: str = "") -> T:
-    """Return a copy of dataclass ``cfg`` with the nested mapping ``updates`` applied."""
+def _merge(cfg: T, updates: dict, where: str = "", reach: int = 0) -> T:
+    """Return a copy of dataclass ``cfg`` with the nested mapping ``updates`` applied.
+
+    A mapping-valued field (e.g. ``data.shards``) is replaced by a new value, except by an
+    override whose dotted key reaches ``reach`` levels deep, past the field into the mapping
+    (``data.shards.k710.path=...``): that changes the one entry and keeps the others.
+    """
     if not isinstance(updates, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {updates!r}")
     types_ = _field_types(type(cfg))
@@ -151,10 +158,24 @@ def _merge(cfg: T, updates: dict, where: str = "") -> T:
                 f"unknown config key '{path}'; valid keys here: {', '.join(sorted(types_))}")
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            changes[key] = _merge(current, value, path)
+            changes[key] = _merge(current, value, path, reach)
+        elif (isinstance(current, dict) and isinstance(value, dict)
+              and reach > path.count(".") + 1):
+            changes[key] = _coerce(_update_mapping(current, value), types_[key], path)
         else:
             changes[key] = _coerce(value, types_[key], path)
     return dataclasses.replace(cfg, **changes)
+
+
+def _update_mapping(current: dict, update: dict) -> dict:
+    """``current`` with the nested entries of ``update`` set (a copy; sub-mappings merged)."""
+    merged = dict(current)
+    for key, value in update.items():
+        if isinstance(merged.get(key), dict) and isinstance(value, dict):
+            merged[key] = _update_mapping(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _validate_tree(cfg: Any, where: str = "") -> None:
@@ -229,7 +250,7 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None,
     for text in overrides:
         path, value = parse_override(text)
         try:
-            cfg = _merge(cfg, _nest(path, value))
+            cfg = _merge(cfg, _nest(path, value), reach=len(path))
         except ConfigError as err:
             raise ConfigError(f"override {text!r}: {err}") from err
     resolve = getattr(cfg, "resolve", None)

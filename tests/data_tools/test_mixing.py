@@ -149,3 +149,22 @@ def test_a_mixture_is_refused_where_one_set_is_read_and_checked_at_config_time(t
                      "pretrain", 0, 1)
     assert [s.name for s in shard_sources(cfg.shards)] == ["small", "large"]
     assert shard_sources("a/b") == shard_sources("a/b")  # a plain string is one unnamed set
+
+
+def test_an_override_changes_one_set_of_a_mixture_and_keeps_the_others():
+    """``data.shards.<set>.path=...`` on the command line (as the shipped mixture config
+    documents) changes that entry only; a value for ``data.shards`` itself replaces it."""
+    from pretrain.config import PretrainConfig
+    from runtime.config import load_config
+
+    yaml_path = Path(__file__).resolve().parents[2] / "configs/pretrain/vit_base_mix.yaml"
+    cfg = load_config(PretrainConfig, yaml_path, ["data.shards.ssv2.path=/fast/ssv2",
+                                                  "data.shards.k710.weight=0.5"])
+    assert cfg.data.shards == {"k710": {"path": "data/k710/train", "weight": 0.5},
+                               "ssv2": {"path": "/fast/ssv2", "weight": 0.1},
+                               "howto100m": {"path": "data/howto100m/train", "weight": 0.565}}
+    replaced = load_config(PretrainConfig, yaml_path,
+                           ["data.shards={only: {path: /x, weight: 1}}"])
+    assert replaced.data.shards == {"only": {"path": "/x", "weight": 1}}
+    with pytest.raises(ValueError, match="data.shards.extra.path=... and data.shards.extra.weight"):
+        load_config(PretrainConfig, yaml_path, ["data.shards.extra.path=/y"])
