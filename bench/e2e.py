@@ -74,14 +74,19 @@ def loader_alone(data: DataConfig, workers: int, batches: int) -> dict:
 def loader_and_model(data: DataConfig, workers: int, step_fn, device: torch.device, warmup: int,
                      steps: int) -> dict:
     """The training loop: wait for a batch, copy it to the device, step; the first ``warmup``
-    iterations are not timed."""
+    iterations are not timed. Also records how the batches arrived: pinned (the DataLoader
+    pins on CUDA), still a channels-last view of uint8 memory (``ClipCollator``'s layout,
+    through the worker transfer and pinning), and the shared-memory segments the workers made
+    (``data.batch_buffers``: a few per worker when released batches are refilled)."""
     loader = build_loader(replace(data, num_workers=workers), "pretrain", rank=0, world_size=1)
     iterator = iter(loader)
     wait = busy = 0.0
-    clips = 0
+    clips = pinned = channels_last = 0
     for i in range(warmup + steps):
         start = time.perf_counter()
         batch = next(iterator)
+        pinned += batch["video"].is_pinned()
+        channels_last += batch["video"].permute(0, 2, 3, 4, 1).is_contiguous()
         video = model_input(batch, device, data)  # uint8 copied, normalised on the device
         mask = batch["mask"]  # stays on the host, as in pretrain_step
         got = time.perf_counter()
@@ -92,9 +97,11 @@ def loader_and_model(data: DataConfig, workers: int, step_fn, device: torch.devi
             wait += got - start
             busy += time.perf_counter() - got
             clips += video.shape[0]
+    made = loader.batch_buffers.made.tolist() if loader.batch_buffers is not None else None
     del iterator, loader
     return {"clips_s": clips / (wait + busy), "data_wait": wait / (wait + busy),
-            "step_ms": busy / steps * 1e3}
+            "step_ms": busy / steps * 1e3, "batches": warmup + steps, "pinned_batches": pinned,
+            "channels_last_batches": channels_last, "buffers_made_per_worker": made}
 
 
 def main(argv: list[str] | None = None) -> dict:

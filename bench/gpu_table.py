@@ -197,7 +197,12 @@ def loader_body(part: dict) -> str:
     for run in part.get("runs", []):
         rows = [{"setting": r["setting"], "workers": r["workers"], "clips/s": r["clips_s"],
                  "step ms": r.get("step_ms"), "data wait": pct(r.get("data_wait")),
-                 "vs model alone": r.get("vs_model_alone")} for r in run["rows"]]
+                 "vs model alone": r.get("vs_model_alone"),
+                 "batches pinned / channels-last": (
+                     f"{r['pinned_batches']} / {r['channels_last_batches']} of {r['batches']}"
+                     if "batches" in r else None),
+                 "segments made per worker": r.get("buffers_made_per_worker")}
+                for r in run["rows"]]
         s = run["summary"]
         texts.append(f"repeat {run['repeat']} ({run['model']}):\n\n{markdown_table(rows)}\n\n"
                      f"One worker core: {s['loader_clips_per_worker_cpu_s']:.1f} clips/s; "
