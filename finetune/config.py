@@ -204,6 +204,12 @@ class ProbeHeadConfig:
         "cached: embed every video once and train on the stored features (small sets); "
         "online: the frozen encoder runs in the loop every epoch on every rank, nothing "
         "stored (sets too large to cache)"))
+    augment: bool = field(default=False, metadata=help_text(
+        "features=online only: train on clips sampled and augmented as for fine-tuning "
+        "(data loader mode 'train': random temporal position, data.crop - random resized by "
+        "default - and data.flip; videos resampled and shuffled, a new draw every epoch, an "
+        "epoch = the set's videos) instead of one centred clip per video, as V-JEPA 2 trains "
+        "its probes; validation views are unchanged"))
     epochs: int = field(default=90, metadata=help_text("passes over the training videos"))
     batch_size: int = field(default=256, metadata=help_text(
         "videos per step, over all ranks (online: divided among them)"))
@@ -240,6 +246,9 @@ class ProbeHeadConfig:
         if self.knn_k < 1 or self.knn_temperature <= 0:
             raise ValueError(f"knn_k must be >= 1 and knn_temperature > 0, got "
                              f"{self.knn_k} and {self.knn_temperature}")
+        if self.augment and self.features != "online":
+            raise ValueError("augment=true needs features=online (cached features hold one "
+                             "centred clip per video)")
         if self.kind == "knn" and self.features == "online":
             raise ValueError("kind=knn compares against stored training features: "
                              "use features=cached")

@@ -10,7 +10,9 @@
      settings are unchanged; the probes are trained on rank 0.
    - ``probe.features=online``: the encoder runs in the loop every epoch; each rank encodes
      its share of every batch and the probes' gradients are summed over ranks
-     (``finetune.probe_train``); nothing is stored.
+     (``finetune.probe_train``); nothing is stored. With ``probe.augment`` the training
+     clips are drawn and augmented anew every epoch (loader mode ``train``), as V-JEPA 2
+     trains its probes.
 2. One probe head per (lr, weight decay) of ``probe.lrs x probe.weight_decays``, all from
    the same initial weights, trained together on the same batches (``finetune.probe_heads``):
    ``linear`` (MAE), ``attentive`` with ``probe.blocks`` blocks (V-JEPA 2: 4), or no training
@@ -132,14 +134,22 @@ def _train_online(encoder: nn.Module, cfg: ProbeConfig, grid: ProbeGrid, pool: s
     if not videos:
         raise InputError(f"data.shards={cfg.data.shards} has no manifest with sample counts: "
                          "the online probe needs them for its lr schedule")
-    trainer = GridTrainer(grid, cfg.probe, steps_per_epoch(videos, cfg.probe.batch_size),
-                          device, across_ranks=True)
+    augmented = None
+    if cfg.probe.augment:
+        # one resampled loader for the whole run: each pass draws new clips and crops, and
+        # every rank takes the same number of batches per epoch
+        augmented = build_loader(replace(cfg.data, batch_size=cfg.probe.batch_size // world,
+                                         epoch_samples=videos), "train", get_rank(), world)
+    steps = (len(augmented) if augmented is not None
+             else steps_per_epoch(videos, cfg.probe.batch_size))
+    trainer = GridTrainer(grid, cfg.probe, steps, device, across_ranks=True)
     tokens = math.prod(cfg.data.token_grid)
     width = cfg.model.encoder_dims().embed_dim
     shape = (tokens, width) if pool == "tokens" else (width,)
 
     def epoch(index: int) -> Iterator[Batch]:
-        loader = _online_loader(cfg, cfg.data.shards, "eval", cfg.probe.batch_size // world)
+        loader = augmented if augmented is not None else _online_loader(
+            cfg, cfg.data.shards, "eval", cfg.probe.batch_size // world)
         return encoded_batches(encoder, loader, cfg.data, pool, cfg.precision, device,
                                desc=f"probe epoch {index}")
 

@@ -95,3 +95,34 @@ def test_two_rank_online_probe_equals_one_rank(online_cfg):
         ranks = [json.loads((Path(cfg.out_dir) / f"rank{r}.json").read_text()) for r in (0, 1)]
         assert ranks[0]["heads"] == ranks[1]["heads"]
         assert_same_results(ranks[0], reference, cfg, one)
+
+
+def test_augmented_online_probe_draws_new_clips_every_epoch(online_cfg, monkeypatch):
+    """probe.augment=true: the probe trains on clips drawn and cropped anew every epoch
+    (loader mode train), one step per batch of 10 of the 30 videos; without it every epoch
+    sees the same centred clips."""
+    import finetune.probe as probe_module
+
+    original = probe_module.encoded_batches
+    seen: list[list[float]] = []
+
+    def recording(encoder, loader, data, *args, **kwargs):
+        batches = list(loader)
+        seen.append(sorted(float(b["video"].float().sum()) for b in batches))
+        return original(encoder, batches, data, *args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "encoded_batches", recording)
+    sums = {}
+    for augment in (False, True):
+        seen.clear()
+        cfg = online_cfg("linear", f"augment_{augment}", augment=augment)
+        cfg = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, batch_size=10))
+        metrics = run(cfg)
+        assert metrics["num_videos"] == 20 and 0.0 <= metrics["top1"] <= 1.0
+        sums[augment] = [epoch for epoch in seen[:3]]  # the training epochs (then validation)
+        logged = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").open()]
+        assert [r["step"] for r in logged if r["tag"] == "probe"] == [3, 6, 9]
+    assert sums[False][0] == sums[False][1] == sums[False][2]
+    assert sums[True][0] != sums[True][1] and sums[True][1] != sums[True][2]
+    with pytest.raises(ValueError, match="augment=true needs features=online"):
+        ProbeHeadConfig(augment=True).validate()
