@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from data_tools import sampling
+from data_tools.augment import clip_appearance
 from data_tools.batch_buffers import BatchBuffers, LeasedBatch, new_shared
 from data_tools.config import DataConfig, Normalize
 from data_tools.decode import (VIDEO_EXTENSIONS, DecodeError, backend_chain, close_reader,
@@ -54,7 +55,8 @@ class ClipMaker:
         self.backend = cfg.backend
         crop = cfg.crop if cfg.crop != "auto" else (
             "multiscale" if mode == "pretrain" else "random_resized")
-        self.transform = ClipTransform(cfg.input_size, crop, cfg.flip)
+        self.transform = ClipTransform(cfg.input_size, crop, cfg.flip,
+                                       clip_appearance(cfg) if mode == "train" else None)
         self.mask_generator = mask_generator
         self.decoder_mask_generator = decoder_mask_generator
         self.watch = WorkerWatch(cfg.num_workers)  # what each worker is decoding (timeouts)

@@ -100,6 +100,15 @@ class DataConfig:
     crop: Crop = field(default="auto", metadata=help_text(
         "training crop: 'multiscale', 'random_resized', 'center', or 'auto' "
         "(multiscale for pretrain, random_resized for train)"))
+    rand_augment_ops: int = field(default=0, metadata=help_text(
+        "train mode: RandAugment operations per clip, the same for every frame (torchvision's "
+        "RandAugment on the whole clip; VideoMAE fine-tuning: 4; 0 = off). Costly on the CPU "
+        "(bench/RESULTS.md, fine-tuning augmentations)"))
+    rand_augment_magnitude: int = field(default=7, metadata=help_text(
+        "RandAugment magnitude on timm's 0-10 scale (VideoMAE fine-tuning: 7)"))
+    random_erasing: float = field(default=0.0, metadata=help_text(
+        "train mode: probability that a frame gets one box of per-pixel noise, each frame on "
+        "its own (VideoMAE fine-tuning: 0.25, timm RandomErasing mode 'pixel'; 0 = off)"))
     max_failure_fraction: float = field(default=0.05, metadata=help_text(
         "stop with an error when more than this fraction of an epoch's samples fail"))
     seed: int = field(default=0, metadata=help_text("seed of shard resampling, shuffling, "
@@ -145,6 +154,12 @@ class DataConfig:
                      "batch_buffers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.rand_augment_ops < 0 or not 0 <= self.rand_augment_magnitude <= 10:
+            raise ValueError(f"data.rand_augment_ops must be >= 0 and data.rand_augment_"
+                             f"magnitude in 0-10, got {self.rand_augment_ops} and "
+                             f"{self.rand_augment_magnitude}")
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise ValueError(f"data.random_erasing must be in [0, 1], got {self.random_erasing}")
         if self.num_test_crops not in (1, 3):
             raise ValueError(f"data.num_test_crops must be 1 or 3, got {self.num_test_crops}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:

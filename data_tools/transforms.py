@@ -21,7 +21,7 @@ Crops (boxes are ``(top, left, height, width)`` in the decoded frame):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -168,12 +168,17 @@ class ClipTransform:
         size: output height and width.
         crop: training crop, ``"multiscale"``, ``"random_resized"`` or ``"center"``.
         flip: random horizontal flip in training (off for direction-sensitive data).
+        appearance: applied to each training clip after the crop with the clip RNG
+            (``data_tools.augment``: RandAugment, random erasing), or None.
     """
 
-    def __init__(self, size: int = 224, crop: str = "multiscale", flip: bool = False):
+    def __init__(self, size: int = 224, crop: str = "multiscale", flip: bool = False,
+                 appearance: Callable[[torch.Tensor, np.random.Generator], torch.Tensor]
+                 | None = None):
         if crop not in TRAIN_CROPS:
             raise ValueError(f"unknown training crop {crop!r}; choose one of {list(TRAIN_CROPS)}")
         self.size, self.crop, self.flip = size, crop, flip
+        self.appearance = appearance
 
     def train(self, frames: torch.Tensor, rng: np.random.Generator,
               indices: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,7 +191,8 @@ class ClipTransform:
         else:
             box = center_crop_box(height, width)
         flip = self.flip and bool(rng.random() < 0.5)
-        return crop_resize(frames, box, self.size, flip, indices)
+        clip = crop_resize(frames, box, self.size, flip, indices)
+        return clip if self.appearance is None else self.appearance(clip, rng)
 
     def test(self, frames: torch.Tensor, num_crops: int = 1,
              indices: torch.Tensor | None = None) -> list[torch.Tensor]:

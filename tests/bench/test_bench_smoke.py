@@ -98,3 +98,13 @@ def test_e2e_runs_loader_and_model(bench, tmp_path, tiny_shards):
                         ("loader alone", 1), ("loader + model", 0), ("loader + model", 1)]
     assert all(0 <= r["data_wait"] < 1 for r in rows if r["setting"] == "loader + model")
     assert finite_positive(result["summary"]["workers_needed"], *(r["clips_s"] for r in rows))
+
+
+def test_augment_times_every_setting_on_real_footage(bench, tmp_path):
+    out = tmp_path / "augment.json"
+    bench("augment").main(QUICK + ["--json", str(out)])
+    result = read_json(out)
+    assert result["frames"] == [16, 256, 602, 3]  # bikes.mp4, 16 frames at a 256-px short side
+    rows = {row["setting"]: row for row in result["rows"]}
+    assert len(rows) == 4 and rows["random resized crop"]["vs_crop_alone"] == 1.0
+    assert all(finite_positive(r["cpu_ms_per_clip"]) for r in rows.values())
