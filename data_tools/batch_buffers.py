@@ -14,9 +14,10 @@ still uses its memory:
   fills it, and returns the batch as a ``LeasedBatch``: a dict that carries
   ``(pool, worker, slot, id)`` through pickling;
 - the process that unpickles it (the main process, or its pin-memory thread) gets a plain
-  dict, and a finaliser on the video's *storage* writes 0 back when that storage is freed -
-  not when the dict is dropped: a view, a slice or an autograd graph that still reads the
-  memory keeps the slot held.
+  dict whose video is the same memory seen through a numpy array (``torch.from_numpy``)
+  whose base object writes 0 back when it is collected, i.e. when that tensor's storage is
+  freed - not when the dict is dropped: a view, a slice or an autograd graph that still reads
+  the memory keeps the slot held.
 
 A lease unpickled where its pool is unknown never frees its slot: the worker makes new
 buffers, slower but never wrong. Slots free only by the id they were given, so a batch of an
@@ -30,6 +31,7 @@ import secrets
 import weakref
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
@@ -64,8 +66,33 @@ def _unpickle_batch(items: dict[str, Any], lease: tuple[str, int, int, int]) -> 
     token, worker, slot, batch_id = lease
     pool = _POOLS.get(token)
     if pool is not None:
-        weakref.finalize(items["video"].untyped_storage(), pool.release, worker, slot, batch_id)
+        items["video"] = _watched(items["video"], _SlotRelease(pool, worker, slot, batch_id))
     return items
+
+
+class _SlotRelease:
+    """Frees a slot when collected. It is the numpy base that ``_watched``'s tensor holds,
+    so it goes when that tensor's storage is freed (a C++ reference count, reliable on every
+    torch version: a weakref finaliser on a torch storage's Python object is not)."""
+
+    def __init__(self, pool: BatchBuffers, worker: int, slot: int, batch_id: int):
+        self.lease = (pool, worker, slot, batch_id)
+
+    def __del__(self) -> None:
+        pool, worker, slot, batch_id = self.lease
+        pool.release(worker, slot, batch_id)
+
+
+def _watched(video: torch.Tensor, owner: _SlotRelease) -> torch.Tensor:
+    """``video`` (same memory, shape and strides) through a numpy array whose base is
+    ``owner``, which keeps the received shared memory mapped until then."""
+    storage = video.untyped_storage()
+    owner.video = video
+    owner.__array_interface__ = {"shape": (storage.nbytes(),), "typestr": "|u1",
+                                 "data": (storage.data_ptr(), False), "version": 3}
+    memory = torch.from_numpy(np.asarray(owner))  # (bytes,) uint8, base = owner
+    return memory.view(video.dtype).as_strided(video.shape, video.stride(),
+                                               video.storage_offset())
 
 
 class BatchBuffers:
@@ -127,7 +154,7 @@ class BatchBuffers:
         return self._worker
 
     def release(self, worker: int, slot: int, batch_id: int) -> None:
-        """Frees ``slot`` of ``worker`` if batch ``batch_id`` still holds it (a finaliser in
+        """Frees ``slot`` of ``worker`` if batch ``batch_id`` still holds it (``_SlotRelease`` in
         the consuming process calls this)."""
         held = self.held[worker].numpy()
         if held[slot] == batch_id:
