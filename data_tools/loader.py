@@ -124,6 +124,8 @@ def _stop_workers(err: BaseException, loader: wds.WebLoader) -> None:
         iterator = frame.f_locals.get("self")
         if isinstance(iterator, _MultiProcessingDataLoaderIter):
             iterator._shutdown_workers()
+            for worker in getattr(iterator, "_workers", []):
+                worker.join(timeout=5)  # reap a terminated worker (torch < 2.13 does not)
     data_loader = loader.pipeline[0]
     if getattr(data_loader, "_iterator", None) is not None:
         data_loader._iterator = None

@@ -85,6 +85,15 @@ def train(engine, batches) -> list[float]:
     return losses
 
 
+def eval_loss(engine, batches) -> float:
+    """Mean loss over ``batches`` in eval mode (no dropout), without training."""
+    engine.module.eval()
+    with torch.no_grad():
+        total = sum(engine(x.to(engine.device), y.to(engine.device)).item() for x, y in batches)
+    engine.module.train()
+    return total / len(batches)
+
+
 # --- parameter groups and schedule ----------------------------------------------------
 
 
@@ -176,7 +185,9 @@ def test_engine_trains_with_scaled_lr_per_group(tmp_path):
     peak = 0.05 * 4 / 256
     assert engine.schedule.base_lr == pytest.approx(peak)
     assert (engine.schedule.warmup_steps, engine.schedule.total_steps) == (2, 8)
-    losses = train(engine, make_batches(8) * 3)
+    batches = make_batches(8)
+    before = eval_loss(engine, batches)
+    train(engine, batches * 3)
     assert engine.global_step == 24
     # The lr written into each group of the real optimizer is the schedule times lr_scale.
     last_lr = engine.schedule.lr_at(23)
@@ -184,7 +195,9 @@ def test_engine_trains_with_scaled_lr_per_group(tmp_path):
     assert {g["lr_scale"] for g in groups} == {1.0, 0.5, 0.25, 0.125}
     for group in groups:
         assert group["lr"] == pytest.approx(last_lr * group["lr_scale"])
-    assert sum(losses[-8:]) < sum(losses[:8])
+    # learnt: the training batches' loss without dropout (the training losses themselves
+    # depend on torch's dropout stream, which differs between torch versions)
+    assert eval_loss(engine, batches) < before  # 0.88-0.98x over seeds 0-5
 
 
 def test_gradient_accumulation_steps_at_boundaries(tmp_path):
