@@ -46,6 +46,15 @@ def new_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return template.new(storage).resize_(shape)
 
 
+def batch_memory(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous tensor for one batch: a new shared-memory segment inside a
+    DataLoader worker (handing it to the main process copies nothing, as ``default_collate``
+    does), ordinary memory elsewhere."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    return new_shared(shape, dtype)
+
+
 class LeasedBatch(dict):
     """A batch dict whose ``video`` lies in a pooled buffer; pickles into a plain dict whose
     video storage frees the slot when it is freed. ``copy.copy`` (the DataLoader's
@@ -66,33 +75,33 @@ def _unpickle_batch(items: dict[str, Any], lease: tuple[str, int, int, int]) -> 
     token, worker, slot, batch_id = lease
     pool = _POOLS.get(token)
     if pool is not None:
-        items["video"] = _watched(items["video"], _SlotRelease(pool, worker, slot, batch_id))
+        items["video"] = _SlotRelease(items["video"], pool, worker, slot, batch_id).watched()
     return items
 
 
 class _SlotRelease:
-    """Frees a slot when collected. It is the numpy base that ``_watched``'s tensor holds,
-    so it goes when that tensor's storage is freed (a C++ reference count, reliable on every
-    torch version: a weakref finaliser on a torch storage's Python object is not)."""
+    """Holds a received video's shared memory and frees its slot when collected. ``watched``
+    gives the video through a numpy array whose base is this object, so it goes when that
+    tensor's storage is freed (a C++ reference count, reliable on every torch version: a
+    weakref finaliser on a torch storage's Python object is not)."""
 
-    def __init__(self, pool: BatchBuffers, worker: int, slot: int, batch_id: int):
+    def __init__(self, video: torch.Tensor, pool: BatchBuffers, worker: int, slot: int,
+                 batch_id: int):
+        self.video = video  # keeps the received shared memory mapped
         self.lease = (pool, worker, slot, batch_id)
+        storage = video.untyped_storage()
+        self.__array_interface__ = {"shape": (storage.nbytes(),), "typestr": "|u1",
+                                    "data": (storage.data_ptr(), False), "version": 3}
+
+    def watched(self) -> torch.Tensor:
+        """The video (same memory, shape and strides) with this object as its numpy base."""
+        memory = torch.from_numpy(np.asarray(self))  # (bytes,) uint8
+        return memory.view(self.video.dtype).as_strided(
+            self.video.shape, self.video.stride(), self.video.storage_offset())
 
     def __del__(self) -> None:
         pool, worker, slot, batch_id = self.lease
         pool.release(worker, slot, batch_id)
-
-
-def _watched(video: torch.Tensor, owner: _SlotRelease) -> torch.Tensor:
-    """``video`` (same memory, shape and strides) through a numpy array whose base is
-    ``owner``, which keeps the received shared memory mapped until then."""
-    storage = video.untyped_storage()
-    owner.video = video
-    owner.__array_interface__ = {"shape": (storage.nbytes(),), "typestr": "|u1",
-                                 "data": (storage.data_ptr(), False), "version": 3}
-    memory = torch.from_numpy(np.asarray(owner))  # (bytes,) uint8, base = owner
-    return memory.view(video.dtype).as_strided(video.shape, video.stride(),
-                                               video.storage_offset())
 
 
 class BatchBuffers:
@@ -115,10 +124,7 @@ class BatchBuffers:
         _POOLS[self.token] = self
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_worker": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        return {**self.__dict__, "_worker": None}  # a spawned worker starts with no buffers
 
     def take(self, shape: tuple[int, ...],
              dtype: torch.dtype) -> tuple[torch.Tensor, tuple[str, int, int, int] | None]:
@@ -126,7 +132,7 @@ class BatchBuffers:
         memory nobody shares: outside a worker, or an unpooled segment)."""
         info = get_worker_info()
         if info is None:
-            return torch.empty(shape, dtype=dtype), None
+            return batch_memory(shape, dtype), None
         state = self._worker_state()
         held = self.held[info.id].numpy()
         buffers = state["buffers"]

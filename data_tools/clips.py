@@ -22,7 +22,7 @@ from torch.utils.data import get_worker_info
 
 from data_tools import sampling
 from data_tools.augment import clip_appearance
-from data_tools.batch_buffers import BatchBuffers, LeasedBatch, new_shared
+from data_tools.batch_buffers import BatchBuffers, LeasedBatch, batch_memory
 from data_tools.config import DataConfig, Normalize
 from data_tools.decode import (VIDEO_EXTENSIONS, DecodeError, backend_chain, close_reader,
                                open_video, video_member)
@@ -222,13 +222,10 @@ class ClipCollator:
         return batch if lease is None else LeasedBatch(batch, lease)
 
     def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype):
-        """An uninitialised contiguous tensor and its lease (None when not pooled): shared
-        memory inside a worker, ordinary memory in the main process."""
+        """An uninitialised contiguous tensor and its lease (None when not pooled)."""
         if self.buffers is not None:
             return self.buffers.take(shape, dtype)
-        if get_worker_info() is None:
-            return torch.empty(shape, dtype=dtype), None
-        return new_shared(shape, dtype), None
+        return batch_memory(shape, dtype), None
 
 
 class Normalization(Protocol):
